@@ -1,0 +1,1 @@
+//! utmem benchmarks. Not built yet: see the README's status table.

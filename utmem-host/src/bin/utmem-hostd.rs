@@ -1,0 +1,243 @@
+//! `utmem-hostd`: the utmem host daemon, and its operator commands.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use utmem_host::admin;
+use utmem_host::config::{default_capacity, parse_size, ConfigFile, ListenSpec};
+use utmem_host::server::{spawn_acceptor, Listener};
+use utmem_host::{Policy, Store};
+use utmem_proto::{DEFAULT_MAX_VALUE, MIN_MAX_VALUE};
+
+/// The utmem host daemon: keeps guests' large values in memory pools on the host.
+#[derive(Debug, Parser)]
+#[command(version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Where guests connect: unix:PATH, unix:PATH=NAME (every client is identity NAME,
+    /// e.g. a VM's hybrid-vsock socket <uds>_<port>) or vsock:PORT. Repeatable.
+    #[arg(long, value_name = "SPEC")]
+    listen: Vec<ListenSpec>,
+    /// Host-wide cap on stored value bytes (e.g. 8G). Default: half of physical memory.
+    #[arg(long, value_parser = parse_size)]
+    capacity: Option<u64>,
+    /// Cap on the bytes of each identity (a cap, not a reservation). Default: the capacity.
+    #[arg(long, value_parser = parse_size)]
+    quota: Option<u64>,
+    /// Largest value a guest may store (at least 512M).
+    #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_MAX_VALUE)]
+    max_value: u64,
+    /// TOML file with per-identity quotas and shared-pool grants; re-read on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The operator's socket (created with mode 0600): unix:PATH.
+    #[arg(long, value_name = "unix:PATH")]
+    admin: Option<String>,
+    /// Drop the pools of an identity that has had no connection for this long (e.g. 1h).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    idle_expiry: Option<Duration>,
+    /// Log filter (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print per-identity and per-pool values, bytes and counters of a running daemon.
+    Stats {
+        /// The daemon's admin socket.
+        #[arg(long, value_name = "PATH")]
+        admin: String,
+        /// Print the raw JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Free every pool of an identity whose VM is gone (e.g. cid:3).
+    DropIdentity {
+        /// The identity.
+        name: String,
+        /// The daemon's admin socket.
+        #[arg(long, value_name = "PATH")]
+        admin: String,
+    },
+}
+
+fn admin_path(spec: &str) -> PathBuf {
+    PathBuf::from(spec.strip_prefix("unix:").unwrap_or(spec))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Stats { admin, json }) => admin::stats(&admin_path(&admin)).map(|s| {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+            } else {
+                print!("{}", admin::render(&s));
+            }
+        }),
+        Some(Command::DropIdentity { name, admin }) => {
+            admin::drop_identity(&admin_path(&admin), &name).map(|m| println!("{m}"))
+        }
+        None => return serve(cli.serve),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("utmem-hostd: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+struct Settings {
+    policy: Policy,
+    capacity: u64,
+    listen: Vec<ListenSpec>,
+}
+
+fn settings(args: &ServeArgs) -> Result<Settings, String> {
+    let file = match &args.config {
+        Some(p) => ConfigFile::load(p).map_err(|e| e.to_string())?,
+        None => ConfigFile::default(),
+    };
+    let size = |s: &Option<String>| s.as_deref().map(parse_size).transpose();
+    let capacity = match args.capacity {
+        Some(c) => c,
+        None => size(&file.capacity)
+            .map_err(|e| e.to_string())?
+            .unwrap_or_else(default_capacity),
+    };
+    let quota = match args.quota {
+        Some(q) => q,
+        None => size(&file.quota)
+            .map_err(|e| e.to_string())?
+            .unwrap_or(capacity),
+    };
+    let policy = file.policy(quota).map_err(|e| e.to_string())?;
+    let mut listen = args.listen.clone();
+    for l in &file.listen {
+        listen.push(
+            l.parse()
+                .map_err(|e: utmem_host::config::ConfigError| e.to_string())?,
+        );
+    }
+    Ok(Settings {
+        policy,
+        capacity,
+        listen,
+    })
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("utmem-hostd: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(args: ServeArgs) -> Result<(), String> {
+    if args.max_value < MIN_MAX_VALUE {
+        return Err(format!(
+            "--max-value must be at least {MIN_MAX_VALUE} bytes (Redis's bulk limit)"
+        ));
+    }
+    let s = settings(&args)?;
+    if s.listen.is_empty() && args.admin.is_none() {
+        return Err("nothing to listen on: give --listen unix:PATH or --listen vsock:PORT".into());
+    }
+    // Signals first, so a signal that arrives during start-up still cleans up.
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let store = Arc::new(Store::new(s.capacity, args.max_value, s.policy));
+    let mut created: Vec<PathBuf> = Vec::new();
+    let cleanup = |created: &[PathBuf]| {
+        for p in created {
+            let _ = std::fs::remove_file(p);
+        }
+    };
+    if let Some(spec) = &args.admin {
+        let path = admin_path(spec);
+        let sock = admin::bind(&path).map_err(|e| {
+            cleanup(&created);
+            e.to_string()
+        })?;
+        tracing::info!(path = %path.display(), "admin socket ready");
+        created.push(path);
+        admin::spawn(sock, Arc::clone(&store));
+    }
+    let mut listeners = Vec::new();
+    for spec in &s.listen {
+        match Listener::bind(spec) {
+            Ok(l) => {
+                created.extend(l.path().map(Path::to_owned));
+                listeners.push(l);
+            }
+            Err(e) => {
+                cleanup(&created);
+                return Err(e.to_string());
+            }
+        }
+    }
+    for l in listeners {
+        tracing::info!("listening on {}", l.describe());
+        spawn_acceptor(l, Arc::clone(&store));
+    }
+    tracing::info!(
+        capacity = s.capacity,
+        max_value = args.max_value,
+        "utmem-hostd ready"
+    );
+    if let Some(idle) = args.idle_expiry {
+        let store = Arc::clone(&store);
+        std::thread::Builder::new()
+            .name("utmem-expiry".into())
+            .spawn(move || loop {
+                std::thread::sleep(
+                    (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(10)),
+                );
+                for name in store.expire_idle(idle) {
+                    tracing::info!(identity = %name, "identity idle for {idle:?}: pools dropped");
+                }
+            })
+            .map_err(|e| e.to_string())?;
+    }
+    for sig in signals.forever() {
+        match sig {
+            SIGHUP => match settings(&args) {
+                Ok(new) => {
+                    store.set_policy(new.policy);
+                    tracing::info!("configuration reloaded (quotas and grants; listeners and capacity need a restart)");
+                }
+                Err(e) => tracing::error!("configuration not reloaded, keeping the old one: {e}"),
+            },
+            _ => {
+                tracing::info!("signal {sig}: shutting down");
+                break;
+            }
+        }
+    }
+    cleanup(&created);
+    Ok(())
+}

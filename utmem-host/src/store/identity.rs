@@ -1,0 +1,127 @@
+//! An identity: who the host says a client is (a VM, a uid, a listener name),
+//! with its quota, its byte account and the pools it has open.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use utmem_proto::{PoolId, PoolKind};
+
+use super::pool::Pool;
+use super::{lock, read, write};
+
+/// Counters kept per identity; all monotonic.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub(crate) puts: AtomicU64,
+    pub(crate) gets: AtomicU64,
+    pub(crate) hits: AtomicU64,
+    pub(crate) misses: AtomicU64,
+    pub(crate) evictions: AtomicU64,
+    pub(crate) refusals: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Relaxed);
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct PoolTable {
+    pub(crate) by_kind: HashMap<PoolKind, PoolId>,
+    pub(crate) by_id: HashMap<PoolId, Arc<Pool>>,
+    pub(crate) next: u32,
+}
+
+/// One identity and its account.
+#[derive(Debug)]
+pub struct Identity {
+    pub(crate) name: String,
+    pub(crate) quota: AtomicU64,
+    /// Value bytes charged to this identity.
+    pub(crate) used: AtomicU64,
+    /// Values charged to this identity.
+    pub(crate) values: AtomicU64,
+    pub(crate) counters: Counters,
+    pub(crate) pools: RwLock<PoolTable>,
+    pub(crate) dropped: AtomicBool,
+    connections: AtomicUsize,
+    last_seen: Mutex<Instant>,
+}
+
+impl Identity {
+    pub(crate) fn new(name: String, quota: u64) -> Self {
+        Identity {
+            name,
+            quota: AtomicU64::new(quota),
+            used: AtomicU64::new(0),
+            values: AtomicU64::new(0),
+            counters: Counters::default(),
+            pools: RwLock::new(PoolTable::default()),
+            dropped: AtomicBool::new(false),
+            connections: AtomicUsize::new(0),
+            last_seen: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// The identity's name, e.g. `cid:3`, `uid:1000`, `vm-a`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its quota in bytes.
+    pub fn quota(&self) -> u64 {
+        self.quota.load(Relaxed)
+    }
+
+    /// Value bytes charged to it.
+    pub fn used(&self) -> u64 {
+        self.used.load(Relaxed)
+    }
+
+    /// True once the operator dropped it: its pools are gone; reconnect to get a fresh one.
+    pub fn is_dropped(&self) -> bool {
+        self.dropped.load(Relaxed)
+    }
+
+    /// The pool behind a handle.
+    pub fn pool(&self, id: PoolId) -> Option<Arc<Pool>> {
+        read(&self.pools).by_id.get(&id).cloned()
+    }
+
+    /// Pools this identity has open, by id.
+    pub fn open_pools(&self) -> Vec<(PoolId, Arc<Pool>)> {
+        let mut v: Vec<_> = read(&self.pools)
+            .by_id
+            .iter()
+            .map(|(id, p)| (*id, Arc::clone(p)))
+            .collect();
+        v.sort_by_key(|(id, _)| *id);
+        v
+    }
+
+    pub(crate) fn forget(&self, id: PoolId) -> Option<Arc<Pool>> {
+        let mut t = write(&self.pools);
+        let pool = t.by_id.remove(&id)?;
+        t.by_kind.retain(|_, v| *v != id);
+        Some(pool)
+    }
+
+    /// A connection of this identity began.
+    pub fn connected(&self) {
+        self.connections.fetch_add(1, Relaxed);
+        *lock(&self.last_seen) = Instant::now();
+    }
+
+    /// A connection of this identity ended.
+    pub fn disconnected(&self) {
+        self.connections.fetch_sub(1, Relaxed);
+        *lock(&self.last_seen) = Instant::now();
+    }
+
+    pub(crate) fn idle_since(&self) -> Option<Instant> {
+        (self.connections.load(Relaxed) == 0).then(|| *lock(&self.last_seen))
+    }
+}

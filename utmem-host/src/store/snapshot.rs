@@ -1,0 +1,113 @@
+//! A point-in-time view of the whole store, for the operator (admin channel).
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use serde::{Deserialize, Serialize};
+use utmem_proto::PoolKind;
+
+use super::{read, Store};
+
+/// The whole host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostSnapshot {
+    /// Host-wide capacity in bytes.
+    pub capacity: u64,
+    /// Value bytes held host-wide.
+    pub used: u64,
+    /// Every identity, by name.
+    pub identities: Vec<IdentitySnapshot>,
+}
+
+/// One identity.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IdentitySnapshot {
+    /// Its name.
+    pub name: String,
+    /// Its quota.
+    pub quota: u64,
+    /// Values charged to it.
+    pub values: u64,
+    /// Bytes charged to it.
+    pub bytes: u64,
+    /// PUTs stored.
+    pub puts: u64,
+    /// GETs.
+    pub gets: u64,
+    /// GET hits.
+    pub hits: u64,
+    /// GET misses.
+    pub misses: u64,
+    /// Values evicted from its ephemeral pools.
+    pub evictions: u64,
+    /// PUTs refused.
+    pub refusals: u64,
+    /// Pools it has open.
+    pub pools: Vec<PoolSnapshot>,
+}
+
+/// One pool as one identity sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PoolSnapshot {
+    /// The handle in that identity.
+    pub id: u32,
+    /// Private name or shared uuid.
+    pub name: String,
+    /// Whether it is shared.
+    pub shared: bool,
+    /// Whether it is ephemeral.
+    pub ephemeral: bool,
+    /// Values it holds.
+    pub values: u64,
+    /// Bytes it holds.
+    pub bytes: u64,
+}
+
+impl Store {
+    /// Everything, sorted by identity name and pool id.
+    pub fn snapshot(&self) -> HostSnapshot {
+        let mut identities: Vec<IdentitySnapshot> = read(&self.identities)
+            .values()
+            .map(|i| {
+                let c = &i.counters;
+                let pools = i
+                    .open_pools()
+                    .into_iter()
+                    .map(|(id, p)| {
+                        let (values, bytes) = p.counts();
+                        let (name, shared) = match p.kind() {
+                            PoolKind::Private(n) => (n.clone(), false),
+                            PoolKind::Shared(u) => (u.to_string(), true),
+                        };
+                        PoolSnapshot {
+                            id: id.0,
+                            name,
+                            shared,
+                            ephemeral: p.is_ephemeral(),
+                            values,
+                            bytes,
+                        }
+                    })
+                    .collect();
+                IdentitySnapshot {
+                    name: i.name.clone(),
+                    quota: i.quota(),
+                    values: i.values.load(Relaxed),
+                    bytes: i.used(),
+                    puts: c.puts.load(Relaxed),
+                    gets: c.gets.load(Relaxed),
+                    hits: c.hits.load(Relaxed),
+                    misses: c.misses.load(Relaxed),
+                    evictions: c.evictions.load(Relaxed),
+                    refusals: c.refusals.load(Relaxed),
+                    pools,
+                }
+            })
+            .collect();
+        identities.sort_by(|a, b| a.name.cmp(&b.name));
+        HostSnapshot {
+            capacity: self.capacity,
+            used: self.used(),
+            identities,
+        }
+    }
+}

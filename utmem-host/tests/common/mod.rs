@@ -1,0 +1,252 @@
+//! Test fixtures: the real `utmem-hostd` in a temp dir, killed on drop, and a
+//! raw frame-level connection built only on utmem-proto.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use utmem_proto::{
+    decode_reply, encode_request, HelloReply, HelloRequest, IdentityStats, Key, Limits, NewPool,
+    Op, PoolId, PoolKind, Reply, RequestHeader, RequestId, Status, VERSION,
+};
+
+/// A running utmem-hostd; killed (and its stderr kept) when dropped.
+pub struct Daemon {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub sock: PathBuf,
+    pub admin: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts the daemon with a guest socket `g.sock`, an admin socket and `extra` args.
+    pub fn start(extra: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(dir, extra)
+    }
+
+    pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Daemon {
+        let sock = dir.path().join("g.sock");
+        let admin = dir.path().join("admin.sock");
+        let log = dir.path().join("hostd.log");
+        let mut args: Vec<String> = vec![
+            format!("--listen=unix:{}", sock.display()),
+            format!("--admin=unix:{}", admin.display()),
+        ];
+        args.extend(
+            extra
+                .iter()
+                .map(|s| s.replace("$DIR", &dir.path().display().to_string())),
+        );
+        let child = Command::new(env!("CARGO_BIN_EXE_utmem-hostd"))
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn utmem-hostd");
+        let d = Daemon {
+            child,
+            dir,
+            sock,
+            admin,
+            log,
+        };
+        d.wait_for(&d.sock);
+        d.wait_for(&d.admin);
+        d
+    }
+
+    pub fn wait_for(&self, p: &Path) {
+        let t0 = Instant::now();
+        while UnixStream::connect(p).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "{} never came up: {}",
+                p.display(),
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).expect("pid")
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("kill");
+    }
+
+    /// `utmem-hostd <args> --admin PATH`, returning (status ok, stdout, stderr).
+    pub fn admin_cmd(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_utmem-hostd"))
+            .args(args)
+            .arg("--admin")
+            .arg(&self.admin)
+            .output()
+            .expect("run admin command");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    pub fn rss_bytes(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("status");
+        let line = s.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
+        let kb: u64 = line
+            .split_whitespace()
+            .nth(1)
+            .expect("kb")
+            .parse()
+            .expect("number");
+        kb * 1024
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A blocking, one-request-at-a-time connection speaking raw frames.
+pub struct Conn {
+    pub s: UnixStream,
+    buf: BytesMut,
+    next: u64,
+}
+
+impl Conn {
+    pub fn connect(p: &Path) -> Conn {
+        let s = UnixStream::connect(p).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        Conn {
+            s,
+            buf: BytesMut::new(),
+            next: 1,
+        }
+    }
+
+    pub fn call(&mut self, mut h: RequestHeader, payload: &[u8]) -> Reply {
+        h.id = RequestId(self.next);
+        self.next += 1;
+        let mut out = BytesMut::new();
+        encode_request(&h, payload, &mut out);
+        self.s.write_all(&out).expect("write");
+        let r = read_reply(&mut self.s, &mut self.buf).expect("reply");
+        assert_eq!(r.header.id, h.id);
+        assert_eq!(r.header.op, h.op);
+        r
+    }
+
+    pub fn hello(&mut self) -> HelloReply {
+        let p = HelloRequest {
+            min_version: VERSION,
+            max_version: VERSION,
+            capabilities: 0,
+        };
+        let r = self.call(RequestHeader::new(Op::Hello, RequestId(0)), &p.encode());
+        assert_eq!(r.header.status, Status::Ok);
+        HelloReply::decode(&r.payload).expect("hello reply")
+    }
+
+    pub fn open(&mut self, kind: PoolKind, ephemeral: bool) -> Result<PoolId, Status> {
+        let (flags, payload) = NewPool { kind, ephemeral }.encode();
+        let mut h = RequestHeader::new(Op::NewPool, RequestId(0));
+        h.flags = flags;
+        let r = self.call(h, &payload);
+        match r.header.status {
+            Status::Ok => Ok(PoolId(u32::from_le_bytes(
+                r.payload[..4].try_into().expect("4"),
+            ))),
+            s => Err(s),
+        }
+    }
+
+    pub fn open_private(&mut self, name: &str) -> PoolId {
+        self.open(PoolKind::Private(name.into()), false)
+            .expect("open pool")
+    }
+
+    pub fn keyed(op: Op, pool: PoolId, key: Key) -> RequestHeader {
+        RequestHeader {
+            pool,
+            key,
+            ..RequestHeader::new(op, RequestId(0))
+        }
+    }
+
+    pub fn put(&mut self, pool: PoolId, key: Key, v: &[u8]) -> Status {
+        self.call(Self::keyed(Op::Put, pool, key), v).header.status
+    }
+
+    pub fn get(&mut self, pool: PoolId, key: Key) -> Result<Vec<u8>, Status> {
+        let r = self.call(Self::keyed(Op::Get, pool, key), &[]);
+        match r.header.status {
+            Status::Ok => Ok(r.payload.to_vec()),
+            s => Err(s),
+        }
+    }
+
+    pub fn flush(&mut self, pool: PoolId, key: Key) -> Status {
+        self.call(Self::keyed(Op::Flush, pool, key), &[])
+            .header
+            .status
+    }
+
+    pub fn stats(&mut self) -> IdentityStats {
+        let r = self.call(RequestHeader::new(Op::Stats, RequestId(0)), &[]);
+        IdentityStats::decode(&r.payload).expect("stats")
+    }
+}
+
+/// Reads one whole reply.
+pub fn read_reply(s: &mut UnixStream, buf: &mut BytesMut) -> std::io::Result<Reply> {
+    loop {
+        if let Some(r) = decode_reply(buf, &Limits::default())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?
+        {
+            return Ok(r);
+        }
+        let mut chunk = vec![0u8; 256 * 1024];
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// True once the peer has closed the connection (EOF or reset), within 10 s.
+pub fn closed_by_peer(s: &mut UnixStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut b = [0u8; 4096];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}

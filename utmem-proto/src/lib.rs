@@ -1,0 +1,34 @@
+//! The utmem guest↔host contract, without any I/O.
+//!
+//! A guest (the Redis module through `utmem-client`) talks to the host daemon
+//! (`utmem-hostd`) with length-prefixed binary frames: a fixed 40-byte request
+//! header, optionally followed by a payload, answered by a fixed 24-byte reply
+//! header, optionally followed by a payload. Many requests may be in flight on
+//! one connection; replies carry the request id. All integers are little-endian.
+//!
+//! This crate owns the layout ([`header`]), the operations and statuses
+//! ([`op`]), the key and pool types ([`types`]), the small structured payloads
+//! ([`payload`]) and streaming decoders that check every length against the
+//! negotiated [`Limits`] before anything is allocated ([`codec`]).
+
+pub mod codec;
+pub mod error;
+pub mod header;
+pub mod op;
+pub mod payload;
+pub mod queue;
+pub mod types;
+
+pub use codec::{decode_reply, decode_request, encode_reply, encode_request, Reply, Request};
+pub use error::DecodeError;
+pub use header::{
+    Limits, ReplyHeader, RequestHeader, DEFAULT_MAX_VALUE, DEFAULT_VSOCK_PORT, MAGIC,
+    MAX_CONTROL_PAYLOAD, MIN_MAX_VALUE, REPLY_HEADER_LEN, REQUEST_HEADER_LEN, VERSION,
+};
+pub use op::{Op, Status};
+pub use payload::{
+    CopyTarget, HelloReply, HelloRequest, IdentityStats, NewPool, PoolKind, CAP_COPY,
+    CAP_EPHEMERAL, CAP_SHARED, POOL_EPHEMERAL, POOL_SHARED,
+};
+pub use queue::OutQueue;
+pub use types::{Index, Key, ObjectId, PoolId, PoolUuid, RequestId};
