@@ -1,1 +1,63 @@
-//! utmem benchmarks. Not built yet: see the README's status table.
+//! Shared fixtures of utmem's benchmarks: an in-process utmem-hostd (the real
+//! listener and session code on a temp Unix socket) and a raw Unix-socket echo
+//! server, the floor a utmem round trip is compared with.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use utmem_host::config::ListenSpec;
+use utmem_host::server::{spawn_acceptor, Listener};
+use utmem_host::{Policy, Store};
+
+/// A daemon serving on a temp socket for as long as the process lives.
+#[derive(Debug)]
+pub struct LocalHost {
+    _dir: tempfile::TempDir,
+    /// The socket path.
+    pub path: PathBuf,
+}
+
+impl LocalHost {
+    /// Starts the real session code on a fresh socket with `capacity` bytes.
+    pub fn start(capacity: u64) -> LocalHost {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hostd.sock");
+        let spec = ListenSpec::Unix {
+            path: path.clone(),
+            name: None,
+        };
+        let listener = Listener::bind(&spec).expect("bind");
+        let store = Arc::new(Store::new(
+            capacity,
+            utmem_proto::DEFAULT_MAX_VALUE,
+            Policy::new(capacity),
+        ));
+        spawn_acceptor(listener, store);
+        LocalHost { _dir: dir, path }
+    }
+
+    /// The spec string clients connect with.
+    pub fn spec(&self) -> String {
+        format!("unix:{}", self.path.display())
+    }
+}
+
+/// A Unix-socket echo server for fixed-size messages, and a connected client end.
+pub fn echo_pair(size: usize) -> (tempfile::TempDir, UnixStream) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("echo.sock");
+    let l = UnixListener::bind(&path).expect("bind");
+    std::thread::spawn(move || {
+        let (mut s, _) = l.accept().expect("accept");
+        let mut buf = vec![0u8; size];
+        while s.read_exact(&mut buf).is_ok() {
+            if s.write_all(&buf).is_err() {
+                break;
+            }
+        }
+    });
+    let c = UnixStream::connect(&path).expect("connect");
+    (dir, c)
+}

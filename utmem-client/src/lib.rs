@@ -1,5 +1,24 @@
-//! Guest side of utmem: transports, the pipelined client and the `utmem` CLI.
+//! The guest side of utmem: transports to the host, a pipelined client, and
+//! the `utmem` command-line tool.
 //!
-//! Not built yet: this crate only re-exports the contract it will speak.
+//! [`Client`] is shared by any number of threads. Its blocking calls
+//! ([`Client::put`], [`Client::get`], …) and its pipelined API
+//! ([`Client::submit`] with a completion) go through the same machinery: one
+//! connection, many requests in flight, replies matched by id, requests queued
+//! during a write coalesced into the next vectored write, timeouts per request,
+//! and automatic reconnection that re-opens the pools. Values travel as
+//! [`bytes::Bytes`]: a PUT is written from the caller's buffer, a GET hands back
+//! the buffer the socket was read into.
 
+pub mod client;
+pub mod error;
+pub mod request;
+pub mod spec;
+pub mod transport;
+
+pub use client::{Client, Completion, Options};
+pub use error::ClientError;
+pub use request::{Pool, Request, Response};
+pub use spec::{Spec, DEVICE_PATH, HOST_CID};
+pub use transport::{Stream, Transport, UnixTransport, VsockTransport};
 pub use utmem_proto as proto;

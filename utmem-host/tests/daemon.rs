@@ -2,21 +2,19 @@
 
 #![allow(clippy::cast_possible_truncation)] // test data patterns wrap on purpose
 
-mod common;
-
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
 use std::thread;
 
 use bytes::{Bytes, BytesMut};
-use common::{closed_by_peer, read_reply, Conn, Daemon};
 use nix::sys::signal::Signal;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use utmem_proto::{
     encode_request, Key, Op, PoolKind, PoolUuid, RequestHeader, RequestId, Status,
     REQUEST_HEADER_LEN,
 };
+use utmem_testkit::{closed_by_peer, read_reply, Conn, Daemon};
 
 const MIB: u64 = 1 << 20;
 
@@ -377,7 +375,7 @@ fn shared_pools_need_a_grant() {
 fn sockets_stale_in_use_and_removed_at_exit() {
     let d = Daemon::start(&[]);
     // In use: a second daemon on the same path refuses to start.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_utmem-hostd"))
+    let out = std::process::Command::new(utmem_testkit::hostd_binary())
         .arg(format!("--listen=unix:{}", d.sock.display()))
         .output()
         .expect("run");

@@ -2,7 +2,6 @@
 
 mod listener;
 mod session;
-mod sys;
 
 pub use listener::{bind_unix, ListenError, Listener};
 pub use session::{Session, SessionError, OWN_BUFFER_AT};

@@ -21,8 +21,8 @@ use utmem_proto::{
     RequestHeader, Status, CAP_COPY, CAP_EPHEMERAL, CAP_SHARED, REQUEST_HEADER_LEN, VERSION,
 };
 
-use super::sys;
 use crate::store::{Identity, Store};
+use utmem_sys as sys;
 
 /// Payloads at least this long get their own buffer, filled straight from the socket.
 pub const OWN_BUFFER_AT: usize = 4096;

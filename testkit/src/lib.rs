@@ -1,7 +1,6 @@
-//! Test fixtures: the real `utmem-hostd` in a temp dir, killed on drop, and a
-//! raw frame-level connection built only on utmem-proto.
-
-#![allow(dead_code)]
+//! Test fixtures shared by the workspace's integration tests: the real
+//! `utmem-hostd` in a temp dir, killed on drop, and a raw frame-level
+//! connection built only on utmem-proto.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -15,9 +14,31 @@ use utmem_proto::{
     Op, PoolId, PoolKind, Reply, RequestHeader, RequestId, Status, VERSION,
 };
 
+/// The `utmem-hostd` binary of this build (target/<profile>/utmem-hostd), or `$UTMEM_HOSTD`.
+pub fn hostd_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("UTMEM_HOSTD") {
+        return PathBuf::from(p);
+    }
+    // Test executables live in target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
+    let bin = profile_dir.join("utmem-hostd");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p utmem-host), or set UTMEM_HOSTD",
+        bin.display()
+    );
+    bin
+}
+
 /// A running utmem-hostd; killed (and its stderr kept) when dropped.
+#[derive(Debug)]
 pub struct Daemon {
     pub child: Child,
+    args: Vec<String>,
     pub dir: tempfile::TempDir,
     pub sock: PathBuf,
     pub admin: PathBuf,
@@ -44,15 +65,10 @@ impl Daemon {
                 .iter()
                 .map(|s| s.replace("$DIR", &dir.path().display().to_string())),
         );
-        let child = Command::new(env!("CARGO_BIN_EXE_utmem-hostd"))
-            .args(&args)
-            .env("RUST_LOG", "info")
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn utmem-hostd");
+        let child = spawn(&args, &log);
         let d = Daemon {
             child,
+            args,
             dir,
             sock,
             admin,
@@ -63,7 +79,22 @@ impl Daemon {
         d
     }
 
-    pub fn wait_for(&self, p: &Path) {
+    /// Kills the daemon (SIGKILL: its memory is gone) and starts it again with the same
+    /// arguments on the same sockets (the stale socket files are replaced).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = spawn(&self.args, &self.log);
+        self.wait_for(&self.sock);
+        self.wait_for(&self.admin);
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn wait_for(&self, p: &Path) {
         let t0 = Instant::now();
         while UnixStream::connect(p).is_err() {
             assert!(
@@ -94,7 +125,7 @@ impl Daemon {
 
     /// `utmem-hostd <args> --admin PATH`, returning (status ok, stdout, stderr).
     pub fn admin_cmd(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_utmem-hostd"))
+        let out = Command::new(hostd_binary())
             .args(args)
             .arg("--admin")
             .arg(&self.admin)
@@ -122,12 +153,27 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
+fn spawn(args: &[String], log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log file");
+    Command::new(hostd_binary())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stderr(log)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn utmem-hostd")
+}
+
 /// A blocking, one-request-at-a-time connection speaking raw frames.
+#[derive(Debug)]
 pub struct Conn {
     pub s: UnixStream,
     buf: BytesMut,

@@ -1,4 +1,4 @@
-//! The two raw syscalls the session needs: a read into a buffer's spare capacity
+//! The raw fd operations utmem's host and client share: a read into a buffer's spare capacity
 //! (so value buffers are never zero-filled before the socket overwrites them)
 //! and a vectored write (so headers and shared value buffers go out together
 //! without being copied into one buffer).

@@ -1,0 +1,89 @@
+//! Client round trips over a Unix socket, beside their floors.
+//!
+//! - `roundtrip_64B`: a 64-byte GET at 1 in flight vs a plain 64-byte Unix-socket
+//!   ping-pong (target: p50 within 1.5×).
+//! - `pipelined_4KiB`: GETs of 4 KiB at 1 and 64 in flight (target: ≥ 3× ops/s at 64).
+
+use std::io::{Read, Write};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use utmem_benches::{echo_pair, LocalHost};
+use utmem_client::proto::Key;
+use utmem_client::{Client, Options, Request};
+
+fn roundtrip(c: &mut Criterion) {
+    let host = LocalHost::start(1 << 30);
+    let client = Client::connect(&host.spec(), Options::default()).expect("connect");
+    let pool = client.open("bench").expect("pool");
+    client
+        .put(pool, Key::new(1, 0), Bytes::from(vec![1u8; 64]))
+        .expect("put");
+    let (_dir, mut echo) = echo_pair(64);
+    let mut g = c.benchmark_group("roundtrip_64B");
+    g.bench_function("unix_pingpong", |b| {
+        let mut buf = [7u8; 64];
+        b.iter(|| {
+            echo.write_all(&buf).expect("write");
+            echo.read_exact(&mut buf).expect("read");
+        })
+    });
+    g.bench_function("utmem_get_1_inflight", |b| {
+        b.iter(|| client.get(pool, Key::new(1, 0)).expect("get"))
+    });
+    g.finish();
+}
+
+fn pipelined(c: &mut Criterion) {
+    let host = LocalHost::start(1 << 30);
+    let client = Client::connect(&host.spec(), Options::default()).expect("connect");
+    let pool = client.open("bench").expect("pool");
+    for k in 0..256 {
+        client
+            .put(pool, Key::new(k, 0), Bytes::from(vec![2u8; 4096]))
+            .expect("put");
+    }
+    let mut g = c.benchmark_group("pipelined_4KiB");
+    g.throughput(Throughput::Elements(1));
+    for inflight in [1u64, 64] {
+        g.bench_with_input(BenchmarkId::from_parameter(inflight), &inflight, |b, &n| {
+            b.iter_custom(|iters| run_closed_loop(&client, pool, iters, n))
+        });
+    }
+    g.finish();
+}
+
+fn run_closed_loop(client: &Client, pool: utmem_client::Pool, ops: u64, inflight: u64) -> Duration {
+    let (tx, rx) = mpsc::channel();
+    let submit = |i: u64| {
+        let tx = tx.clone();
+        client.submit(
+            Request::Get {
+                pool,
+                key: Key::new(i % 256, 0),
+            },
+            move |r| {
+                let _ = tx.send(r.is_ok());
+            },
+        );
+    };
+    let t0 = Instant::now();
+    let mut sent = 0;
+    while sent < ops.min(inflight) {
+        submit(sent);
+        sent += 1;
+    }
+    for _ in 0..ops {
+        assert!(rx.recv().expect("completion"), "request failed");
+        if sent < ops {
+            submit(sent);
+            sent += 1;
+        }
+    }
+    t0.elapsed()
+}
+
+criterion_group!(benches, roundtrip, pipelined);
+criterion_main!(benches);

@@ -1,0 +1,774 @@
+//! The pipelined client.
+//!
+//! Any number of threads submit requests; each request gets a fresh id and a
+//! completion callback. Whoever submits while no write is in progress becomes
+//! the writer: it takes everything queued and writes it with one writev, and
+//! goes on while others keep queueing, so requests submitted during a write are
+//! coalesced into the next one. A reader thread per connection reads replies,
+//! matches them by id and runs the callbacks; it also expires requests whose
+//! time is up. When the connection breaks, every request in flight on it fails
+//! with [`ClientError::Unreachable`]; the next request reconnects (with
+//! exponential backoff between failed attempts), says HELLO and re-opens the
+//! pools by name before anything else is sent.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use utmem_proto::{
+    CopyTarget, HelloReply, HelloRequest, IdentityStats, Key, Limits, NewPool, ObjectId, Op,
+    OutQueue, PoolId, PoolKind, ReplyHeader, RequestHeader, RequestId, Status, CAP_COPY,
+    REPLY_HEADER_LEN, REQUEST_HEADER_LEN, VERSION,
+};
+use utmem_sys as sys;
+
+use crate::error::ClientError;
+use crate::request::{Pool, Request, Response};
+use crate::spec::Spec;
+use crate::transport::{from_spec, Stream, Transport};
+
+/// GET payloads at least this long are read into their own buffer.
+const OWN_BUFFER_AT: usize = 4096;
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Client settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// How long a request may wait for its answer (also bounds connecting).
+    pub timeout: Duration,
+    /// First wait after a failed connection attempt; doubles up to `max_backoff`.
+    pub min_backoff: Duration,
+    /// Longest wait between connection attempts.
+    pub max_backoff: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            timeout: Duration::from_secs(5),
+            min_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The completion of one request.
+pub type Completion = Box<dyn FnOnce(Result<Response, ClientError>) + Send>;
+
+struct Pending {
+    op: Op,
+    gen: u64,
+    deadline: Instant,
+    done: Completion,
+}
+
+struct PoolSlot {
+    req: NewPool,
+    server: PoolId,
+}
+
+struct Live {
+    gen: u64,
+    stream: Arc<Stream>,
+    limits: Limits,
+}
+
+#[derive(Default)]
+struct State {
+    conn: Option<Live>,
+    gen: u64,
+    next_id: u64,
+    inflight: HashMap<u64, Pending>,
+    outq: OutQueue,
+    writing: bool,
+    pools: Vec<PoolSlot>,
+    hello: Option<HelloReply>,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    last_error: String,
+}
+
+struct Inner {
+    transport: Box<dyn Transport>,
+    opts: Options,
+    state: Mutex<State>,
+    closed: AtomicBool,
+}
+
+/// A connection to utmem-hostd, shared by any number of threads (clone it).
+#[derive(Clone)]
+pub struct Client {
+    handle: Arc<Handle>,
+}
+
+/// Closes the connection when the last clone of the client goes.
+struct Handle(Arc<Inner>);
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.0.closed.store(true, Ordering::Relaxed);
+        let mut st = self.0.lock();
+        if let Some(live) = st.conn.take() {
+            live.stream.shutdown();
+        }
+    }
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("transport", &self.handle.0.transport.describe())
+            .finish()
+    }
+}
+
+impl Client {
+    /// Connects to the host named by `spec` (`unix:/path`, `vsock:PORT`, `vsock:CID:PORT`,
+    /// `auto`) and says HELLO. Fails if the host cannot be reached now.
+    pub fn connect(spec: &str, opts: Options) -> Result<Client, ClientError> {
+        let spec: Spec = spec.parse()?;
+        Self::with_transport(from_spec(&spec)?, opts)
+    }
+
+    /// Like [`Client::connect`] with an explicit transport.
+    pub fn with_transport(
+        transport: Box<dyn Transport>,
+        opts: Options,
+    ) -> Result<Client, ClientError> {
+        let inner = Arc::new(Inner {
+            transport,
+            opts,
+            state: Mutex::new(State {
+                next_id: 1,
+                backoff: opts.min_backoff,
+                ..State::default()
+            }),
+            closed: AtomicBool::new(false),
+        });
+        {
+            let mut st = inner.lock();
+            inner.ensure_connected(&mut st)?;
+        }
+        Ok(Client {
+            handle: Arc::new(Handle(inner)),
+        })
+    }
+
+    fn inner(&self) -> &Arc<Inner> {
+        &self.handle.0
+    }
+
+    /// The transport, as a spec string.
+    pub fn target(&self) -> String {
+        self.inner().transport.describe()
+    }
+
+    /// What the host said in its last HELLO (identity, quota, limits).
+    pub fn hello(&self) -> Option<HelloReply> {
+        self.inner().lock().hello.clone()
+    }
+
+    /// Whether a connection is up right now.
+    pub fn is_connected(&self) -> bool {
+        self.inner().lock().conn.is_some()
+    }
+
+    /// Opens (or re-attaches to) a pool. The handle survives reconnects.
+    pub fn open_pool(&self, kind: PoolKind, ephemeral: bool) -> Result<Pool, ClientError> {
+        let req = NewPool { kind, ephemeral };
+        if let Some(i) = self.inner().lock().pools.iter().position(|p| p.req == req) {
+            return Ok(Pool(i));
+        }
+        let (flags, payload) = req.encode();
+        let (tx, rx) = mpsc::sync_channel(1);
+        let inner = Arc::clone(self.inner());
+        let gen = inner.send(
+            Op::NewPool,
+            flags,
+            None,
+            Key::default(),
+            Bytes::from(payload),
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        let server = match self.wait(rx)? {
+            Response::Value(b) if b.len() == 4 => {
+                PoolId(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            }
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "NEW_POOL answered {other:?}"
+                )))
+            }
+        };
+        let mut st = inner.lock();
+        if let Some(i) = st.pools.iter().position(|p| p.req == req) {
+            return Ok(Pool(i));
+        }
+        // A reconnect between the reply and now re-opened the other pools but not this one.
+        if st.conn.as_ref().map(|l| l.gen) != gen {
+            return Err(ClientError::Unreachable {
+                target: inner.transport.describe(),
+                reason: "connection lost while opening the pool".into(),
+            });
+        }
+        st.pools.push(PoolSlot { req, server });
+        Ok(Pool(st.pools.len() - 1))
+    }
+
+    /// Opens a private persistent pool by name.
+    pub fn open(&self, name: &str) -> Result<Pool, ClientError> {
+        self.open_pool(PoolKind::Private(name.to_owned()), false)
+    }
+
+    /// Submits a request without waiting; `done` runs once with its outcome, on the
+    /// client's reader thread (or on this thread if it fails before being sent).
+    /// It must not block for long: it holds up every other reply.
+    pub fn submit(
+        &self,
+        req: Request,
+        done: impl FnOnce(Result<Response, ClientError>) + Send + 'static,
+    ) {
+        let (pool, key, payload) = match &req {
+            Request::Put { key, value, .. } => (req.pool(), *key, value.clone()),
+            Request::Get { key, .. } | Request::Flush { key, .. } => {
+                (req.pool(), *key, Bytes::new())
+            }
+            Request::FlushObject { oid, .. } => (
+                req.pool(),
+                Key {
+                    oid: *oid,
+                    ..Key::default()
+                },
+                Bytes::new(),
+            ),
+            Request::Copy { src, dst, .. } => (
+                req.pool(),
+                *src,
+                Bytes::copy_from_slice(&CopyTarget(*dst).encode()),
+            ),
+            Request::DestroyPool(_) | Request::Stats | Request::Ping => {
+                (req.pool(), Key::default(), Bytes::new())
+            }
+        };
+        self.inner()
+            .send(req.op(), 0, pool, key, payload, Box::new(done));
+    }
+
+    fn wait(
+        &self,
+        rx: mpsc::Receiver<Result<Response, ClientError>>,
+    ) -> Result<Response, ClientError> {
+        let t = self.inner().opts.timeout;
+        // The reader thread enforces the timeout; this margin only guards against a bug.
+        rx.recv_timeout(t * 2 + Duration::from_secs(1))
+            .unwrap_or(Err(ClientError::Timeout(t)))
+    }
+
+    /// Submits and waits.
+    pub fn call(&self, req: Request) -> Result<Response, ClientError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.submit(req, move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait(rx)
+    }
+
+    /// Stores `value` under `key`.
+    pub fn put(&self, pool: Pool, key: Key, value: Bytes) -> Result<(), ClientError> {
+        self.call(Request::Put { pool, key, value }).map(|_| ())
+    }
+
+    /// The value under `key`, or `None`.
+    pub fn get(&self, pool: Pool, key: Key) -> Result<Option<Bytes>, ClientError> {
+        match self.call(Request::Get { pool, key })? {
+            Response::Value(v) => Ok(Some(v)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Drops one key (not an error if absent).
+    pub fn flush(&self, pool: Pool, key: Key) -> Result<(), ClientError> {
+        self.call(Request::Flush { pool, key }).map(|_| ())
+    }
+
+    /// Drops every index of an object.
+    pub fn flush_object(&self, pool: Pool, oid: ObjectId) -> Result<(), ClientError> {
+        self.call(Request::FlushObject { pool, oid }).map(|_| ())
+    }
+
+    /// Copies `src` to `dst` inside the host. `Ok(false)` if `src` does not exist.
+    pub fn copy(&self, pool: Pool, src: Key, dst: Key) -> Result<bool, ClientError> {
+        match self.call(Request::Copy { pool, src, dst }) {
+            Ok(_) => Ok(true),
+            Err(ClientError::Refused {
+                status: Status::Miss,
+                ..
+            }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Drops a pool and its values.
+    pub fn destroy_pool(&self, pool: Pool) -> Result<(), ClientError> {
+        self.call(Request::DestroyPool(pool)).map(|_| ())
+    }
+
+    /// Counters of this client's identity.
+    pub fn stats(&self) -> Result<IdentityStats, ClientError> {
+        match self.call(Request::Stats)? {
+            Response::Stats(s) => Ok(s),
+            other => Err(ClientError::Protocol(format!("STATS answered {other:?}"))),
+        }
+    }
+
+    /// One round trip.
+    pub fn ping(&self) -> Result<(), ClientError> {
+        self.call(Request::Ping).map(|_| ())
+    }
+}
+
+fn lock_state(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        lock_state(&self.state)
+    }
+
+    fn unreachable(&self, reason: impl Into<String>) -> ClientError {
+        ClientError::Unreachable {
+            target: self.transport.describe(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Queues a frame and writes if nobody else is writing. Returns the connection
+    /// generation it went out on, or `None` if it failed before being sent.
+    fn send(
+        self: &Arc<Self>,
+        op: Op,
+        flags: u16,
+        pool: Option<Pool>,
+        key: Key,
+        payload: Bytes,
+        done: Completion,
+    ) -> Option<u64> {
+        let mut st = self.lock();
+        if let Err(e) = self.ensure_connected(&mut st) {
+            drop(st);
+            done(Err(e));
+            return None;
+        }
+        // ensure_connected succeeded, so there is a connection.
+        let live = st.conn.as_ref()?;
+        let (gen, limits) = (live.gen, live.limits);
+        if payload.len() as u64 > limits.request_payload(op) {
+            drop(st);
+            done(Err(ClientError::Invalid(format!(
+                "{} bytes is over the host's limit of {} for {op:?}",
+                payload.len(),
+                limits.request_payload(op)
+            ))));
+            return None;
+        }
+        let server_pool = match pool {
+            None => PoolId(0),
+            Some(Pool(i)) => match st.pools.get(i) {
+                Some(slot) => slot.server,
+                None => {
+                    drop(st);
+                    done(Err(ClientError::Invalid(format!(
+                        "pool handle {i} was never opened"
+                    ))));
+                    return None;
+                }
+            },
+        };
+        let id = st.next_id;
+        st.next_id += 1;
+        let h = RequestHeader {
+            flags,
+            pool: server_pool,
+            key,
+            len: payload.len() as u64,
+            ..RequestHeader::new(op, RequestId(id))
+        };
+        st.outq.push_copy(&h.encode());
+        if !payload.is_empty() {
+            st.outq.push_payload(payload);
+        }
+        st.inflight.insert(
+            id,
+            Pending {
+                op,
+                gen,
+                deadline: Instant::now() + self.opts.timeout,
+                done,
+            },
+        );
+        if st.writing {
+            return Some(gen); // the writer in progress takes it with its next writev
+        }
+        st.writing = true;
+        // Write until the queue is empty, always on the connection that is current now:
+        // a reconnect while we wrote may have queued requests for the new one.
+        loop {
+            let Some(live) = st.conn.as_ref() else {
+                st.writing = false;
+                return Some(gen);
+            };
+            if st.outq.is_empty() {
+                st.writing = false;
+                return Some(gen);
+            }
+            let (wgen, stream) = (live.gen, Arc::clone(&live.stream));
+            let mut q = std::mem::take(&mut st.outq);
+            drop(st);
+            let res = write_queue(&stream, &mut q);
+            st = self.lock();
+            if let Err(e) = res {
+                st.writing = false;
+                let failed = self.disconnect(&mut st, wgen);
+                drop(st);
+                fail_all(failed, &self.unreachable(format!("write failed: {e}")));
+                return Some(gen);
+            }
+            if st.outq.is_empty() {
+                st.outq = q; // keep the allocation
+            }
+        }
+    }
+
+    /// Drops connection `gen` if it is the current one; returns its requests to fail.
+    fn disconnect(&self, st: &mut State, gen: u64) -> Vec<Completion> {
+        if st.conn.as_ref().map(|l| l.gen) != Some(gen) {
+            return Vec::new();
+        }
+        if let Some(live) = st.conn.take() {
+            live.stream.shutdown();
+        }
+        st.outq = OutQueue::new();
+        let ids: Vec<u64> = st
+            .inflight
+            .iter()
+            .filter(|(_, p)| p.gen == gen)
+            .map(|(id, _)| *id)
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| st.inflight.remove(&id))
+            .map(|p| p.done)
+            .collect()
+    }
+
+    fn ensure_connected(self: &Arc<Self>, st: &mut State) -> Result<(), ClientError> {
+        if st.conn.is_some() {
+            return Ok(());
+        }
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(self.unreachable("client closed"));
+        }
+        let now = Instant::now();
+        if let Some(at) = st.retry_at {
+            if now < at {
+                return Err(self.unreachable(format!(
+                    "{} (next attempt in {:?})",
+                    st.last_error,
+                    at - now
+                )));
+            }
+        }
+        match self.handshake(st) {
+            Ok(()) => {
+                st.retry_at = None;
+                st.backoff = self.opts.min_backoff;
+                Ok(())
+            }
+            Err(e) => {
+                st.last_error = e.to_string();
+                st.retry_at = Some(now + st.backoff);
+                st.backoff = (st.backoff * 2).min(self.opts.max_backoff);
+                Err(e)
+            }
+        }
+    }
+
+    /// Connects, says HELLO, re-opens the pools, starts the reader.
+    fn handshake(self: &Arc<Self>, st: &mut State) -> Result<(), ClientError> {
+        let t = self.opts.timeout;
+        let stream = self
+            .transport
+            .connect()
+            .map_err(|e| self.unreachable(format!("connect: {e}")))?;
+        let io_err = |e: io::Error| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Timeout(t),
+            _ => self.unreachable(format!("handshake: {e}")),
+        };
+        stream.set_read_timeout(Some(t)).map_err(io_err)?;
+        // Longer than the request timeout, so requests time out before the socket does.
+        stream.set_write_timeout(Some(t * 2)).map_err(io_err)?;
+        let hello = HelloRequest {
+            min_version: VERSION,
+            max_version: VERSION,
+            capabilities: CAP_COPY,
+        };
+        let mut limits = Limits::default();
+        let (h, payload) = call_sync(&stream, &limits, Op::Hello, 0, PoolId(0), &hello.encode())
+            .map_err(io_err)?;
+        if h.status != Status::Ok {
+            return Err(ClientError::Refused {
+                op: Op::Hello,
+                status: h.status,
+            });
+        }
+        let hello =
+            HelloReply::decode(&payload).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        limits.max_value = hello.max_value;
+        for slot in st.pools.iter_mut() {
+            let (flags, name) = slot.req.encode();
+            let (h, p) = call_sync(&stream, &limits, Op::NewPool, flags, PoolId(0), &name)
+                .map_err(io_err)?;
+            if h.status != Status::Ok || p.len() != 4 {
+                return Err(ClientError::Refused {
+                    op: Op::NewPool,
+                    status: h.status,
+                });
+            }
+            slot.server = PoolId(u32::from_le_bytes([p[0], p[1], p[2], p[3]]));
+        }
+        stream.set_read_timeout(None).map_err(io_err)?;
+        let reader = stream.try_clone().map_err(io_err)?;
+        st.gen += 1;
+        let gen = st.gen;
+        let me = Arc::clone(self);
+        thread::Builder::new()
+            .name("utmem-reader".into())
+            .spawn(move || me.read_loop(reader, gen, limits))
+            .map_err(|e| self.unreachable(format!("cannot start the reader thread: {e}")))?;
+        tracing::debug!(target = %self.transport.describe(), identity = %hello.identity, "connected");
+        st.hello = Some(hello);
+        st.conn = Some(Live {
+            gen,
+            stream: Arc::new(stream),
+            limits,
+        });
+        Ok(())
+    }
+
+    fn read_loop(self: Arc<Self>, stream: Stream, gen: u64, limits: Limits) {
+        let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
+        let tick =
+            (self.opts.timeout / 10).clamp(Duration::from_millis(1), Duration::from_millis(100));
+        let mut next_scan = Instant::now() + tick;
+        let err = loop {
+            if Instant::now() >= next_scan {
+                self.expire();
+                next_scan = Instant::now() + tick;
+            }
+            match read_reply(&stream, &mut rbuf, &limits, tick) {
+                Ok(Some((h, payload))) => self.complete(h, payload),
+                Ok(None) => {}
+                Err(e) => break e,
+            }
+        };
+        let mut st = self.lock();
+        let failed = self.disconnect(&mut st, gen);
+        drop(st);
+        if !failed.is_empty() {
+            tracing::warn!(target = %self.transport.describe(), "connection lost: {err}");
+        }
+        let e = match err {
+            ReadError::Io(e) => self.unreachable(format!("connection lost: {e}")),
+            ReadError::Protocol(m) => ClientError::Protocol(m),
+        };
+        fail_all(failed, &e);
+    }
+
+    fn complete(&self, h: ReplyHeader, payload: Bytes) {
+        let Some(p) = self.lock().inflight.remove(&h.id.0) else {
+            return; // the request timed out earlier; its late answer is dropped
+        };
+        let r = if h.op != p.op {
+            Err(ClientError::Protocol(format!(
+                "reply {} is for {:?}, request was {:?}",
+                h.id.0, h.op, p.op
+            )))
+        } else {
+            match (h.status, h.op) {
+                (Status::Ok, Op::Get | Op::NewPool) => Ok(Response::Value(payload)),
+                (Status::Ok, Op::Stats) => IdentityStats::decode(&payload)
+                    .map(Response::Stats)
+                    .map_err(|e| ClientError::Protocol(e.to_string())),
+                (Status::Ok, _) => Ok(Response::Done),
+                (Status::Miss, Op::Get) => Ok(Response::Missing),
+                (status, op) => Err(ClientError::Refused { op, status }),
+            }
+        };
+        (p.done)(r);
+    }
+
+    fn expire(&self) {
+        let now = Instant::now();
+        let expired: Vec<Completion> = {
+            let mut st = self.lock();
+            let ids: Vec<u64> = st
+                .inflight
+                .iter()
+                .filter(|(_, p)| p.deadline <= now)
+                .map(|(id, _)| *id)
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| st.inflight.remove(&id))
+                .map(|p| p.done)
+                .collect()
+        };
+        fail_all(expired, &ClientError::Timeout(self.opts.timeout));
+    }
+}
+
+fn fail_all(done: Vec<Completion>, e: &ClientError) {
+    for d in done {
+        d(Err(e.clone()));
+    }
+}
+
+fn write_queue(stream: &Stream, q: &mut OutQueue) -> io::Result<()> {
+    let fd = stream.as_fd();
+    while !q.is_empty() {
+        if q.write_with(1024, |iov| sys::writev(fd, iov))? == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error("{0}")]
+    Io(io::Error),
+    #[error("{0}")]
+    Protocol(String),
+}
+
+/// Reads until one reply is whole, or `tick` passes with nothing to read (`Ok(None)`).
+fn read_reply(
+    stream: &Stream,
+    rbuf: &mut BytesMut,
+    limits: &Limits,
+    tick: Duration,
+) -> Result<Option<(ReplyHeader, Bytes)>, ReadError> {
+    let fd = stream.as_fd();
+    while rbuf.len() < REPLY_HEADER_LEN {
+        if !readable(stream, tick).map_err(ReadError::Io)? {
+            return Ok(None);
+        }
+        if sys::read_spare(fd, rbuf, READ_CHUNK).map_err(ReadError::Io)? == 0 {
+            return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
+    let mut hb = [0u8; REPLY_HEADER_LEN];
+    hb.copy_from_slice(&rbuf[..REPLY_HEADER_LEN]);
+    let h = ReplyHeader::decode(&hb, limits).map_err(|e| ReadError::Protocol(e.to_string()))?;
+    let len = usize::try_from(h.len).map_err(|_| ReadError::Protocol("length".into()))?;
+    rbuf.advance(REPLY_HEADER_LEN);
+    let payload = if len >= OWN_BUFFER_AT {
+        let mut v = BytesMut::with_capacity(len);
+        let have = len.min(rbuf.len());
+        v.extend_from_slice(&rbuf[..have]);
+        rbuf.advance(have);
+        while v.len() < len {
+            let want = len - v.len();
+            if sys::read_spare(fd, &mut v, want).map_err(ReadError::Io)? == 0 {
+                return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+        v.freeze()
+    } else {
+        while rbuf.len() < len {
+            if sys::read_spare(fd, rbuf, READ_CHUNK).map_err(ReadError::Io)? == 0 {
+                return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+        let p = Bytes::copy_from_slice(&rbuf[..len]);
+        rbuf.advance(len);
+        p
+    };
+    Ok(Some((h, payload)))
+}
+
+fn readable(stream: &Stream, tick: Duration) -> io::Result<bool> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+    let ms = u16::try_from(tick.as_millis()).unwrap_or(u16::MAX);
+    match poll(&mut fds, PollTimeout::from(ms)) {
+        Ok(n) => Ok(n > 0),
+        Err(nix::errno::Errno::EINTR) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// One request and its reply on a socket nobody else reads yet (the handshake).
+fn call_sync(
+    stream: &Stream,
+    limits: &Limits,
+    op: Op,
+    flags: u16,
+    pool: PoolId,
+    payload: &[u8],
+) -> io::Result<(ReplyHeader, Bytes)> {
+    let h = RequestHeader {
+        flags,
+        pool,
+        len: payload.len() as u64,
+        ..RequestHeader::new(op, RequestId(0))
+    };
+    let mut out = Vec::with_capacity(REQUEST_HEADER_LEN + payload.len());
+    out.extend_from_slice(&h.encode());
+    out.extend_from_slice(payload);
+    let mut w = StreamIo(stream);
+    w.write_all(&out)?;
+    let mut hb = [0u8; REPLY_HEADER_LEN];
+    w.read_exact(&mut hb)?;
+    let r = ReplyHeader::decode(&hb, limits)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let mut p = vec![0u8; usize::try_from(r.len).unwrap_or(0)];
+    w.read_exact(&mut p)?;
+    if r.op != op {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "reply to another op",
+        ));
+    }
+    Ok((r, Bytes::from(p)))
+}
+
+struct StreamIo<'a>(&'a Stream);
+
+impl Read for StreamIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.0 {
+            Stream::Unix(s) => (&*s).read(buf),
+            Stream::Vsock(s) => (&*s).read(buf),
+        }
+    }
+}
+
+impl Write for StreamIo<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self.0 {
+            Stream::Unix(s) => (&*s).write(buf),
+            Stream::Vsock(s) => (&*s).write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,314 @@
+//! utmem-client against the real utmem-hostd over Unix sockets.
+
+#![allow(clippy::cast_possible_truncation)] // test data patterns wrap on purpose
+
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use nix::sys::signal::Signal;
+use utmem_client::proto::{Key, ObjectId, PoolKind, Status};
+use utmem_client::{Client, ClientError, Options, Pool, Request, Response};
+use utmem_testkit::Daemon;
+
+fn spec(d: &Daemon) -> String {
+    format!("unix:{}", d.sock.display())
+}
+
+fn value(seed: u64, len: usize) -> Bytes {
+    (0..len)
+        .map(|i| (i as u64).wrapping_mul(2654435761).wrapping_add(seed) as u8)
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+const SIZES: [usize; 12] = [
+    0,
+    1,
+    7,
+    64,
+    1000,
+    4095,
+    4096,
+    4097,
+    16384,
+    65536,
+    300_000,
+    1 << 20,
+];
+
+#[test]
+fn blocking_calls_round_trip_every_size() {
+    let d = Daemon::start(&[]);
+    let c = Client::connect(&spec(&d), Options::default()).expect("connect");
+    assert!(c.hello().expect("hello").identity.starts_with("uid:"));
+    c.ping().expect("ping");
+    let pool = c.open("blocking").expect("pool");
+    assert_eq!(c.open("blocking").expect("same pool"), pool);
+    for (i, n) in SIZES.iter().enumerate() {
+        c.put(pool, Key::new(i as u64, 0), value(i as u64, *n))
+            .expect("put");
+    }
+    for (i, n) in SIZES.iter().enumerate() {
+        let got = c.get(pool, Key::new(i as u64, 0)).expect("get");
+        assert_eq!(got, Some(value(i as u64, *n)), "size {n}");
+    }
+    assert_eq!(c.get(pool, Key::new(999, 0)).expect("get"), None);
+    assert!(c.copy(pool, Key::new(3, 0), Key::new(50, 0)).expect("copy"));
+    assert!(!c
+        .copy(pool, Key::new(999, 0), Key::new(51, 0))
+        .expect("copy of nothing"));
+    assert_eq!(
+        c.get(pool, Key::new(50, 0)).expect("get"),
+        Some(value(3, 64))
+    );
+    c.flush(pool, Key::new(50, 0)).expect("flush");
+    c.flush_object(pool, ObjectId(0)).expect("flush object");
+    assert_eq!(c.get(pool, Key::new(0, 0)).expect("get"), None);
+    let s = c.stats().expect("stats");
+    assert_eq!(s.values, SIZES.len() as u64 - 1);
+    c.destroy_pool(pool).expect("destroy");
+    assert_eq!(
+        c.get(pool, Key::new(1, 0)),
+        Err(ClientError::Refused {
+            op: utmem_client::proto::Op::Get,
+            status: Status::UnknownPool
+        })
+    );
+}
+
+/// Keeps `inflight` requests going until `ops` completed; checks every GET's content.
+fn pipelined(c: &Client, pool: Pool, inflight: usize, ops: usize, base: u64) {
+    let (tx, rx) = mpsc::channel::<(u64, usize, bool, Result<Response, ClientError>)>();
+    let submit = |i: usize| {
+        let k = base + (i / 2) as u64;
+        let len = SIZES[(i / 2) % SIZES.len()];
+        let tx = tx.clone();
+        let is_put = i.is_multiple_of(2);
+        let req = if is_put {
+            Request::Put {
+                pool,
+                key: Key::new(k, 0),
+                value: value(k, len),
+            }
+        } else {
+            Request::Get {
+                pool,
+                key: Key::new(k, 0),
+            }
+        };
+        c.submit(req, move |r| {
+            let _ = tx.send((k, len, is_put, r));
+        });
+    };
+    let mut sent = 0;
+    while sent < inflight.min(ops) {
+        submit(sent);
+        sent += 1;
+    }
+    for _ in 0..ops {
+        let (k, len, is_put, r) = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("completion");
+        match (is_put, r) {
+            (true, Ok(Response::Done)) => {}
+            (false, Ok(Response::Value(v))) => assert!(v == value(k, len), "content of {k}"),
+            other => panic!("unexpected completion for {k}: {other:?}"),
+        }
+        if sent < ops {
+            submit(sent);
+            sent += 1;
+        }
+    }
+}
+
+#[test]
+fn pipelined_at_1_and_64_in_flight() {
+    let d = Daemon::start(&[]);
+    let c = Client::connect(&spec(&d), Options::default()).expect("connect");
+    let pool = c.open("pipelined").expect("pool");
+    // A PUT and the GET of the same key are in flight together: same-key order holds.
+    pipelined(&c, pool, 1, 600, 0);
+    pipelined(&c, pool, 64, 6000, 10_000);
+    // Many threads share one client.
+    let workers: Vec<_> = (0..4)
+        .map(|t| {
+            let c = c.clone();
+            thread::spawn(move || pipelined(&c, pool, 16, 1200, 100_000 * (t + 1)))
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("worker");
+    }
+}
+
+#[test]
+fn host_restart_fails_in_flight_requests_then_reconnects() {
+    let mut d = Daemon::start(&[]);
+    let opts = Options {
+        timeout: Duration::from_secs(3),
+        ..Options::default()
+    };
+    let c = Client::connect(&spec(&d), opts).expect("connect");
+    let pool = c.open("restart").expect("pool");
+    c.put(pool, Key::new(1, 0), value(1, 100_000)).expect("put");
+    // Keep 64 large GETs in flight while the daemon dies.
+    let (tx, rx) = mpsc::channel();
+    for _ in 0..64 {
+        let tx = tx.clone();
+        c.submit(
+            Request::Get {
+                pool,
+                key: Key::new(1, 0),
+            },
+            move |r| {
+                let _ = tx.send(r);
+            },
+        );
+    }
+    d.kill();
+    let mut failed = 0;
+    for _ in 0..64 {
+        match rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("every request completes")
+        {
+            Ok(Response::Value(v)) => assert_eq!(v, value(1, 100_000)),
+            Err(e) => {
+                assert!(e.is_unreachable(), "in-flight request failed with {e}");
+                failed += 1;
+            }
+            Ok(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    eprintln!("{failed} of 64 in-flight requests failed with the unreachable error");
+    assert!(failed > 0, "the kill should catch requests in flight");
+    // While the host is down: a clear unreachable error, quickly.
+    let e = c.get(pool, Key::new(1, 0)).expect_err("host is down");
+    assert!(e.is_unreachable(), "{e}");
+    assert!(e.to_string().contains(&d.sock.display().to_string()), "{e}");
+    d.restart();
+    // The client reconnects by itself (backoff ≤ 1 s) and re-opens the pool.
+    let t0 = Instant::now();
+    loop {
+        match c.put(pool, Key::new(2, 0), value(2, 5000)) {
+            Ok(()) => break,
+            Err(e) => {
+                assert!(e.is_unreachable(), "{e}");
+                assert!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "never reconnected: {e}"
+                );
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    assert_eq!(
+        c.get(pool, Key::new(2, 0)).expect("get"),
+        Some(value(2, 5000))
+    );
+    // The host lost its memory: the old value is gone, not wrong.
+    assert_eq!(c.get(pool, Key::new(1, 0)).expect("get"), None);
+}
+
+#[test]
+fn stopped_host_times_out_and_nothing_hangs() {
+    let d = Daemon::start(&[]);
+    let timeout = Duration::from_millis(500);
+    let opts = Options {
+        timeout,
+        ..Options::default()
+    };
+    let c = Client::connect(&spec(&d), opts).expect("connect");
+    let pool = c.open("stopped").expect("pool");
+    c.put(pool, Key::new(1, 0), value(1, 1000)).expect("put");
+    d.signal(Signal::SIGSTOP);
+    let (tx, rx) = mpsc::channel();
+    let t0 = Instant::now();
+    for i in 0..32u64 {
+        let tx = tx.clone();
+        // Big PUTs fill the socket buffer, so the writer blocks too.
+        let req = if i.is_multiple_of(2) {
+            Request::Put {
+                pool,
+                key: Key::new(10 + i, 0),
+                value: value(i, 1 << 20),
+            }
+        } else {
+            Request::Get {
+                pool,
+                key: Key::new(1, 0),
+            }
+        };
+        let c = c.clone();
+        thread::spawn(move || {
+            c.submit(req, move |r| {
+                let _ = tx.send(r);
+            })
+        });
+    }
+    let blocking = c.get(pool, Key::new(1, 0));
+    assert_eq!(blocking, Err(ClientError::Timeout(timeout)));
+    for _ in 0..32 {
+        let r = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("completes, never hangs");
+        match r {
+            Err(ClientError::Timeout(t)) => assert_eq!(t, timeout),
+            Err(e) if e.is_unreachable() => {} // the blocked write gave up on the connection
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+    }
+    let took = t0.elapsed();
+    eprintln!("32 requests to a stopped host all completed within {took:?}");
+    assert!(took < Duration::from_secs(5), "timeouts took {took:?}");
+    d.signal(Signal::SIGCONT);
+    let t1 = Instant::now();
+    loop {
+        match c.get(pool, Key::new(1, 0)) {
+            Ok(v) => {
+                assert_eq!(v, Some(value(1, 1000)));
+                break;
+            }
+            Err(e) => {
+                assert!(
+                    t1.elapsed() < Duration::from_secs(10),
+                    "never recovered: {e}"
+                );
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+#[test]
+fn unreachable_and_bad_specs_are_clear() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("nobody.sock");
+    let e = Client::connect(&format!("unix:{}", path.display()), Options::default())
+        .expect_err("nobody listens");
+    assert!(e.is_unreachable(), "{e}");
+    let e = Client::connect("tcp:127.0.0.1:1", Options::default()).expect_err("bad spec");
+    assert!(matches!(e, ClientError::BadSpec { .. }), "{e}");
+    assert!(e
+        .to_string()
+        .contains("unix:/path, vsock:PORT, vsock:CID:PORT or auto"));
+}
+
+#[test]
+fn oversized_values_are_refused_before_sending() {
+    let d = Daemon::start(&[]);
+    let c = Client::connect(&spec(&d), Options::default()).expect("connect");
+    let max = c.hello().expect("hello").max_value;
+    assert!(max >= 512 << 20);
+    let pool = c
+        .open_pool(PoolKind::Private("big".into()), false)
+        .expect("pool");
+    let too_big = Bytes::from(vec![0u8; usize::try_from(max).expect("fits") + 1]);
+    let e = c
+        .put(pool, Key::new(1, 0), too_big)
+        .expect_err("over the limit");
+    assert!(matches!(e, ClientError::Invalid(_)), "{e}");
+    c.ping().expect("the connection is still fine");
+}
