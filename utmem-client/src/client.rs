@@ -69,7 +69,10 @@ struct Pending {
 
 struct PoolSlot {
     req: NewPool,
-    server: PoolId,
+    /// The host's id on the current connection; `None` until opened on it.
+    server: Option<PoolId>,
+    /// Empty the pool the first time it is opened (a fresh start).
+    reset: bool,
 }
 
 struct Live {
@@ -140,6 +143,22 @@ impl Client {
         transport: Box<dyn Transport>,
         opts: Options,
     ) -> Result<Client, ClientError> {
+        let (client, first) = Self::start(transport, opts);
+        first.map(|()| client)
+    }
+
+    /// Like [`Client::connect`], but a host that is down now is not an error: the
+    /// client connects when it is first used. Only a bad spec fails.
+    pub fn connect_lazy(spec: &str, opts: Options) -> Result<Client, ClientError> {
+        let spec: Spec = spec.parse()?;
+        let (client, first) = Self::start(from_spec(&spec)?, opts);
+        if let Err(e) = first {
+            tracing::warn!("{e}; will retry when used");
+        }
+        Ok(client)
+    }
+
+    fn start(transport: Box<dyn Transport>, opts: Options) -> (Client, Result<(), ClientError>) {
         let inner = Arc::new(Inner {
             transport,
             opts,
@@ -150,13 +169,14 @@ impl Client {
             }),
             closed: AtomicBool::new(false),
         });
-        {
+        let first = {
             let mut st = inner.lock();
-            inner.ensure_connected(&mut st)?;
-        }
-        Ok(Client {
+            inner.ensure_connected(&mut st)
+        };
+        let client = Client {
             handle: Arc::new(Handle(inner)),
-        })
+        };
+        (client, first)
     }
 
     fn inner(&self) -> &Arc<Inner> {
@@ -180,46 +200,91 @@ impl Client {
 
     /// Opens (or re-attaches to) a pool. The handle survives reconnects.
     pub fn open_pool(&self, kind: PoolKind, ephemeral: bool) -> Result<Pool, ClientError> {
-        let req = NewPool { kind, ephemeral };
-        if let Some(i) = self.inner().lock().pools.iter().position(|p| p.req == req) {
-            return Ok(Pool(i));
+        let pool = self.register_pool(kind, ephemeral, false);
+        if self.inner().lock().pools[pool.0].server.is_some() {
+            return Ok(pool);
         }
-        let (flags, payload) = req.encode();
-        let (tx, rx) = mpsc::sync_channel(1);
-        let inner = Arc::clone(self.inner());
-        let gen = inner.send(
-            Op::NewPool,
-            flags,
-            None,
-            Key::default(),
-            Bytes::from(payload),
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        );
-        let server = match self.wait(rx)? {
-            Response::Value(b) if b.len() == 4 => {
-                PoolId(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        // Not open on the current connection: connecting opens every registered pool.
+        self.ping()?;
+        match self.inner().lock().pools[pool.0].server {
+            Some(_) => Ok(pool),
+            None => Err(self.inner().unreachable("the pool could not be opened")),
+        }
+    }
+
+    /// Registers a pool, opening it now if the host is reachable and otherwise on the
+    /// next connection; with `reset`, the host empties it the first time it is opened
+    /// (a process that rebuilds its data from elsewhere at start). Never fails: a pool
+    /// that cannot be opened makes the requests that use it fail.
+    pub fn register_pool(&self, kind: PoolKind, ephemeral: bool, reset: bool) -> Pool {
+        let req = NewPool { kind, ephemeral };
+        let inner = self.inner();
+        let i = {
+            let mut st = inner.lock();
+            if let Some(i) = st.pools.iter().position(|p| p.req == req) {
+                return Pool(i);
             }
-            other => {
-                return Err(ClientError::Protocol(format!(
+            st.pools.push(PoolSlot {
+                req: req.clone(),
+                server: None,
+                reset,
+            });
+            if st.conn.is_none() {
+                return Pool(st.pools.len() - 1);
+            }
+            st.pools.len() - 1
+        };
+        // Connected: open it now, with ordinary requests on the live connection.
+        let open = |flags, payload: Vec<u8>| -> Result<(Option<u64>, PoolId), ClientError> {
+            let (tx, rx) = mpsc::sync_channel(1);
+            let gen = inner.send(
+                Op::NewPool,
+                flags,
+                None,
+                Key::default(),
+                Bytes::from(payload),
+                Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            );
+            match self.wait(rx)? {
+                Response::Value(b) if b.len() == 4 => {
+                    Ok((gen, PoolId(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))))
+                }
+                other => Err(ClientError::Protocol(format!(
                     "NEW_POOL answered {other:?}"
-                )))
+                ))),
             }
         };
+        let (flags, payload) = req.encode();
+        let mut result = open(flags, payload.clone());
+        if reset {
+            if let Ok((gen, id)) = result {
+                let destroyed = {
+                    let mut st = inner.lock();
+                    st.pools[i].server = Some(id);
+                    drop(st);
+                    self.destroy_pool(Pool(i))
+                };
+                result = destroyed
+                    .and_then(|()| open(flags, payload))
+                    .map(|(g, id)| (if g == gen { g } else { None }, id));
+            }
+        }
         let mut st = inner.lock();
-        if let Some(i) = st.pools.iter().position(|p| p.req == req) {
-            return Ok(Pool(i));
+        match result {
+            // Only if no reconnect happened meanwhile (a reconnect opened it itself).
+            Ok((Some(gen), id)) if st.conn.as_ref().map(|l| l.gen) == Some(gen) => {
+                st.pools[i].server = Some(id);
+                st.pools[i].reset = false;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                st.pools[i].server = None;
+                tracing::warn!("cannot open pool {:?} now: {e}", req.kind);
+            }
         }
-        // A reconnect between the reply and now re-opened the other pools but not this one.
-        if st.conn.as_ref().map(|l| l.gen) != gen {
-            return Err(ClientError::Unreachable {
-                target: inner.transport.describe(),
-                reason: "connection lost while opening the pool".into(),
-            });
-        }
-        st.pools.push(PoolSlot { req, server });
-        Ok(Pool(st.pools.len() - 1))
+        Pool(i)
     }
 
     /// Opens a private persistent pool by name.
@@ -381,8 +446,15 @@ impl Inner {
         }
         let server_pool = match pool {
             None => PoolId(0),
-            Some(Pool(i)) => match st.pools.get(i) {
-                Some(slot) => slot.server,
+            Some(Pool(i)) => match st.pools.get(i).map(|slot| slot.server) {
+                Some(Some(id)) => id,
+                Some(None) => {
+                    drop(st);
+                    done(Err(
+                        self.unreachable("the pool is not open on this connection")
+                    ));
+                    return None;
+                }
                 None => {
                     drop(st);
                     done(Err(ClientError::Invalid(format!(
@@ -533,15 +605,24 @@ impl Inner {
         limits.max_value = hello.max_value;
         for slot in st.pools.iter_mut() {
             let (flags, name) = slot.req.encode();
-            let (h, p) = call_sync(&stream, &limits, Op::NewPool, flags, PoolId(0), &name)
-                .map_err(io_err)?;
-            if h.status != Status::Ok || p.len() != 4 {
-                return Err(ClientError::Refused {
-                    op: Op::NewPool,
-                    status: h.status,
-                });
+            let open = || -> Result<PoolId, ClientError> {
+                let (h, p) = call_sync(&stream, &limits, Op::NewPool, flags, PoolId(0), &name)
+                    .map_err(io_err)?;
+                if h.status != Status::Ok || p.len() != 4 {
+                    return Err(ClientError::Refused {
+                        op: Op::NewPool,
+                        status: h.status,
+                    });
+                }
+                Ok(PoolId(u32::from_le_bytes([p[0], p[1], p[2], p[3]])))
+            };
+            let mut id = open()?;
+            if slot.reset {
+                call_sync(&stream, &limits, Op::DestroyPool, 0, id, &[]).map_err(io_err)?;
+                id = open()?;
             }
-            slot.server = PoolId(u32::from_le_bytes([p[0], p[1], p[2], p[3]]));
+            slot.server = Some(id);
+            slot.reset = false;
         }
         stream.set_read_timeout(None).map_err(io_err)?;
         let reader = stream.try_clone().map_err(io_err)?;
