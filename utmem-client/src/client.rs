@@ -60,6 +60,15 @@ impl Default for Options {
 /// The completion of one request.
 pub type Completion = Box<dyn FnOnce(Result<Response, ClientError>) + Send>;
 
+struct Item {
+    op: Op,
+    flags: u16,
+    pool: Option<Pool>,
+    key: Key,
+    payload: Bytes,
+    done: Completion,
+}
+
 struct Pending {
     op: Op,
     gen: u64,
@@ -300,30 +309,17 @@ impl Client {
         req: Request,
         done: impl FnOnce(Result<Response, ClientError>) + Send + 'static,
     ) {
-        let (pool, key, payload) = match &req {
-            Request::Put { key, value, .. } => (req.pool(), *key, value.clone()),
-            Request::Get { key, .. } | Request::Flush { key, .. } => {
-                (req.pool(), *key, Bytes::new())
-            }
-            Request::FlushObject { oid, .. } => (
-                req.pool(),
-                Key {
-                    oid: *oid,
-                    ..Key::default()
-                },
-                Bytes::new(),
-            ),
-            Request::Copy { src, dst, .. } => (
-                req.pool(),
-                *src,
-                Bytes::copy_from_slice(&CopyTarget(*dst).encode()),
-            ),
-            Request::DestroyPool(_) | Request::Stats | Request::Ping => {
-                (req.pool(), Key::default(), Bytes::new())
-            }
-        };
-        self.inner()
-            .send(req.op(), 0, pool, key, payload, Box::new(done));
+        self.submit_many(vec![(req, Box::new(done) as Completion)]);
+    }
+
+    /// Submits several requests at once: they are queued under one lock and leave
+    /// in one vectored write (the way an I/O thread hands over what it collected).
+    pub fn submit_many(&self, reqs: Vec<(Request, Completion)>) {
+        let items = reqs
+            .into_iter()
+            .map(|(req, done)| item(req, done))
+            .collect();
+        self.inner().send_many(items);
     }
 
     fn wait(
@@ -399,6 +395,32 @@ impl Client {
     }
 }
 
+fn item(req: Request, done: Completion) -> Item {
+    let pool = req.pool();
+    let op = req.op();
+    let (key, payload) = match req {
+        Request::Put { key, value, .. } => (key, value),
+        Request::Get { key, .. } | Request::Flush { key, .. } => (key, Bytes::new()),
+        Request::FlushObject { oid, .. } => (
+            Key {
+                oid,
+                ..Key::default()
+            },
+            Bytes::new(),
+        ),
+        Request::Copy { src, dst, .. } => (src, Bytes::copy_from_slice(&CopyTarget(dst).encode())),
+        Request::DestroyPool(_) | Request::Stats | Request::Ping => (Key::default(), Bytes::new()),
+    };
+    Item {
+        op,
+        flags: 0,
+        pool,
+        key,
+        payload,
+        done,
+    }
+}
+
 fn lock_state(m: &Mutex<State>) -> MutexGuard<'_, State> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -426,66 +448,95 @@ impl Inner {
         payload: Bytes,
         done: Completion,
     ) -> Option<u64> {
+        self.send_many(vec![Item {
+            op,
+            flags,
+            pool,
+            key,
+            payload,
+            done,
+        }])
+    }
+
+    /// Queues frames (under one lock, so they leave in one writev) and writes if
+    /// nobody else is writing. Returns the connection generation they went out on,
+    /// or `None` if they failed before being sent.
+    fn send_many(self: &Arc<Self>, items: Vec<Item>) -> Option<u64> {
         let mut st = self.lock();
         if let Err(e) = self.ensure_connected(&mut st) {
             drop(st);
-            done(Err(e));
+            fail_all(items.into_iter().map(|i| i.done).collect(), &e);
             return None;
         }
         // ensure_connected succeeded, so there is a connection.
         let live = st.conn.as_ref()?;
         let (gen, limits) = (live.gen, live.limits);
-        if payload.len() as u64 > limits.request_payload(op) {
-            drop(st);
-            done(Err(ClientError::Invalid(format!(
-                "{} bytes is over the host's limit of {} for {op:?}",
-                payload.len(),
-                limits.request_payload(op)
-            ))));
-            return None;
-        }
-        let server_pool = match pool {
-            None => PoolId(0),
-            Some(Pool(i)) => match st.pools.get(i).map(|slot| slot.server) {
-                Some(Some(id)) => id,
-                Some(None) => {
-                    drop(st);
-                    done(Err(
-                        self.unreachable("the pool is not open on this connection")
-                    ));
-                    return None;
-                }
-                None => {
-                    drop(st);
-                    done(Err(ClientError::Invalid(format!(
-                        "pool handle {i} was never opened"
-                    ))));
-                    return None;
-                }
-            },
-        };
-        let id = st.next_id;
-        st.next_id += 1;
-        let h = RequestHeader {
+        let mut refused: Vec<(Completion, ClientError)> = Vec::new();
+        let deadline = Instant::now() + self.opts.timeout;
+        for Item {
+            op,
             flags,
-            pool: server_pool,
+            pool,
             key,
-            len: payload.len() as u64,
-            ..RequestHeader::new(op, RequestId(id))
-        };
-        st.outq.push_copy(&h.encode());
-        if !payload.is_empty() {
-            st.outq.push_payload(payload);
+            payload,
+            done,
+        } in items
+        {
+            if payload.len() as u64 > limits.request_payload(op) {
+                let e = ClientError::Invalid(format!(
+                    "{} bytes is over the host's limit of {} for {op:?}",
+                    payload.len(),
+                    limits.request_payload(op)
+                ));
+                refused.push((done, e));
+                continue;
+            }
+            let server_pool = match pool {
+                None => PoolId(0),
+                Some(Pool(i)) => match st.pools.get(i).map(|slot| slot.server) {
+                    Some(Some(id)) => id,
+                    Some(None) => {
+                        let e = self.unreachable("the pool is not open on this connection");
+                        refused.push((done, e));
+                        continue;
+                    }
+                    None => {
+                        let e = ClientError::Invalid(format!("pool handle {i} was never opened"));
+                        refused.push((done, e));
+                        continue;
+                    }
+                },
+            };
+            let id = st.next_id;
+            st.next_id += 1;
+            let h = RequestHeader {
+                flags,
+                pool: server_pool,
+                key,
+                len: payload.len() as u64,
+                ..RequestHeader::new(op, RequestId(id))
+            };
+            st.outq.push_copy(&h.encode());
+            if !payload.is_empty() {
+                st.outq.push_payload(payload);
+            }
+            st.inflight.insert(
+                id,
+                Pending {
+                    op,
+                    gen,
+                    deadline,
+                    done,
+                },
+            );
         }
-        st.inflight.insert(
-            id,
-            Pending {
-                op,
-                gen,
-                deadline: Instant::now() + self.opts.timeout,
-                done,
-            },
-        );
+        if !refused.is_empty() {
+            drop(st);
+            for (done, e) in refused {
+                done(Err(e));
+            }
+            st = self.lock();
+        }
         if st.writing {
             return Some(gen); // the writer in progress takes it with its next writev
         }
