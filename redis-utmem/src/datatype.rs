@@ -1,0 +1,186 @@
+//! The `utmem-val` data type: what Redis does with a utmem key's stub when it
+//! saves, loads, rewrites, copies or frees it.
+//!
+//! RDB and AOF carry the values themselves, so Redis can always be restored
+//! without the host. Saving runs in the fork child for BGSAVE (it fetches
+//! remote values over a connection of its own) and on the main thread for SAVE
+//! and DEBUG RELOAD. Loading creates pending values and hands their PUTs to the
+//! I/O thread, so the load itself never waits for the host.
+
+use std::os::raw::{c_int, c_void};
+
+use redis_module::native_types::RedisType;
+use redis_module::raw::{self, RedisModuleIO, RedisModuleString};
+
+use crate::io::{self, Job};
+use crate::raw::{emit_set, rdb_load as load_pair, rdb_save as save_pair, Val};
+use crate::slot::{Read, Slot, Stub};
+
+const ENC_VERSION: c_int = 1;
+/// RDB flag: the value follows.
+const FLAG_VALUE: u64 = 0;
+/// RDB flag: the value could not be read when saving; it loads as lost.
+const FLAG_LOST: u64 = 1;
+
+/// The registered type.
+pub static UTMEM_TYPE: RedisType = RedisType::new(
+    "utmem-val",
+    ENC_VERSION,
+    raw::RedisModuleTypeMethods {
+        version: raw::REDISMODULE_TYPE_METHOD_VERSION as u64,
+        rdb_load: Some(rdb_load),
+        rdb_save: Some(rdb_save),
+        aof_rewrite: Some(aof_rewrite),
+        free: Some(free),
+        mem_usage: Some(mem_usage),
+        digest: None,
+        aux_load: None,
+        aux_save: None,
+        aux_save2: None,
+        aux_save_triggers: 0,
+        free_effort: None,
+        unlink: None,
+        copy: Some(copy),
+        defrag: None,
+        copy2: None,
+        free_effort2: None,
+        mem_usage2: None,
+        unlink2: None,
+    },
+);
+
+/// The raw type pointer (set once the type is registered).
+pub fn raw_type() -> *mut raw::RedisModuleType {
+    *UTMEM_TYPE.raw_type.borrow()
+}
+
+/// # Safety
+/// `value` must be a pointer this module gave Redis (a `Box<Stub>`).
+unsafe fn stub<'a>(value: *mut c_void) -> Option<&'a Stub> {
+    // SAFETY: guaranteed by the caller.
+    unsafe { value.cast::<Stub>().as_ref() }
+}
+
+/// The bytes of a stub for saving: `Err(why)` if they cannot be had.
+fn bytes_for_save(s: &Stub) -> Result<bytes::Bytes, String> {
+    match io::fetch_sync(&s.0) {
+        Ok(b) => Ok(b),
+        Err(Val::Err(e)) => Err(e),
+        Err(_) => Err("unknown error".into()),
+    }
+}
+
+fn in_fork_child() -> bool {
+    io::shared().is_some_and(|_| !crate::is_parent())
+}
+
+unsafe extern "C" fn rdb_save(rdb: *mut RedisModuleIO, value: *mut c_void) {
+    // SAFETY: Redis passes back a value of our type.
+    let Some(s) = (unsafe { stub(value) }) else {
+        return;
+    };
+    match bytes_for_save(s) {
+        Ok(b) => save_pair(rdb, FLAG_VALUE, &b),
+        Err(why) if in_fork_child() => {
+            // Never write a snapshot that silently lacks a value: fail this BGSAVE.
+            eprintln!("utmem: cannot read object {} for the snapshot: {why}; aborting it", s.0.oid);
+            // SAFETY: _exit in a fork child ends only the child; Redis sees a failed save.
+            unsafe { libc::_exit(1) };
+        }
+        Err(why) => {
+            crate::log_warning(&format!(
+                "utmem: object {} could not be read for SAVE ({why}); it is saved as lost",
+                s.0.oid
+            ));
+            save_pair(rdb, FLAG_LOST, &[]);
+        }
+    }
+}
+
+unsafe extern "C" fn rdb_load(rdb: *mut RedisModuleIO, encver: c_int) -> *mut c_void {
+    if encver != ENC_VERSION {
+        return std::ptr::null_mut();
+    }
+    let Some((flag, bytes)) = load_pair(rdb) else {
+        return std::ptr::null_mut(); // I/O error: Redis (diskless load) handles it
+    };
+    let oid = io::next_oid();
+    let slot = if flag == FLAG_LOST {
+        Slot::lost(oid)
+    } else {
+        let slot = Slot::pending(oid, bytes);
+        io::send(Job::Put {
+            slot: std::sync::Arc::clone(&slot),
+            done: None,
+        });
+        slot
+    };
+    Box::into_raw(Box::new(Stub(slot))).cast::<c_void>()
+}
+
+unsafe extern "C" fn aof_rewrite(
+    aof: *mut RedisModuleIO,
+    key: *mut RedisModuleString,
+    value: *mut c_void,
+) {
+    // SAFETY: Redis passes back a value of our type.
+    let Some(s) = (unsafe { stub(value) }) else {
+        return;
+    };
+    match bytes_for_save(s) {
+        Ok(b) => emit_set(aof, key, &b),
+        Err(why) => {
+            eprintln!("utmem: cannot read object {} for the AOF rewrite: {why}; aborting it", s.0.oid);
+            if in_fork_child() {
+                // SAFETY: as in rdb_save: only the child ends, the rewrite fails.
+                unsafe { libc::_exit(1) };
+            }
+        }
+    }
+}
+
+unsafe extern "C" fn free(value: *mut c_void) {
+    if !value.is_null() {
+        // SAFETY: the box was created by us; Redis frees each value exactly once. The
+        // slot flushes its host copy when its last reference goes (see slot.rs).
+        drop(unsafe { Box::from_raw(value.cast::<Stub>()) });
+    }
+}
+
+unsafe extern "C" fn mem_usage(value: *const c_void) -> usize {
+    // SAFETY: Redis passes back a value of our type.
+    unsafe { value.cast::<Stub>().as_ref() }.map_or(0, |s| s.0.mem_usage())
+}
+
+unsafe extern "C" fn copy(
+    _from: *mut RedisModuleString,
+    _to: *mut RedisModuleString,
+    value: *const c_void,
+) -> *mut c_void {
+    // SAFETY: Redis passes back a value of our type.
+    let Some(s) = (unsafe { value.cast::<Stub>().as_ref() }) else {
+        return std::ptr::null_mut();
+    };
+    let oid = io::next_oid();
+    let slot = match s.0.read() {
+        Read::Here(b) => {
+            let slot = Slot::pending(oid, b);
+            io::send(Job::Put {
+                slot: std::sync::Arc::clone(&slot),
+                done: None,
+            });
+            slot
+        }
+        // The host copies it; requests for the copy are queued after the COPY.
+        Read::Remote(crc) => {
+            let slot = Slot::remote(oid, s.0.len, crc);
+            io::send(Job::Copy {
+                src: std::sync::Arc::clone(&s.0),
+                dst: std::sync::Arc::clone(&slot),
+            });
+            slot
+        }
+        Read::Lost => Slot::lost(oid),
+    };
+    Box::into_raw(Box::new(Stub(slot))).cast::<c_void>()
+}

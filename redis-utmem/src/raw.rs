@@ -1,0 +1,356 @@
+//! The Redis module API calls the `redis-module` crate does not wrap the way the
+//! module needs them: raw key access (string DMA, module values, expiry), replies
+//! to blocked clients from any thread without an extra copy, AOF emission,
+//! the fork-child server event. Every unsafe block is here.
+
+use std::ffi::CString;
+use std::os::raw::{c_char, c_int, c_void};
+use std::ptr;
+
+use bytes::Bytes;
+use redis_module::raw::{
+    self, RedisModuleBlockedClient, RedisModuleCtx, RedisModuleIO, RedisModuleKey,
+    RedisModuleString,
+};
+use redis_module::{Context, RedisString};
+
+/// A reply, built on any thread and written on the thread that owns the context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Val {
+    /// `+OK`
+    Ok,
+    /// A nil bulk.
+    Null,
+    /// A bulk string.
+    Bulk(Bytes),
+    /// An error line (without the leading `-`), e.g. `UTMEMDOWN host unreachable`.
+    Err(String),
+    /// An integer.
+    Int(i64),
+    /// An array.
+    Array(Vec<Val>),
+}
+
+/// Writes `v` as the reply on `ctx`.
+pub fn write_reply(ctx: *mut RedisModuleCtx, v: &Val) {
+    // SAFETY: `ctx` is a live context owned by the caller (a command's context on the
+    // main thread, or a thread-safe context of a blocked client); the reply functions
+    // copy their arguments before returning.
+    unsafe {
+        match v {
+            Val::Ok => {
+                raw::RedisModule_ReplyWithSimpleString.expect("api")(ctx, c"OK".as_ptr());
+            }
+            Val::Null => {
+                raw::RedisModule_ReplyWithNull.expect("api")(ctx);
+            }
+            Val::Bulk(b) => {
+                raw::RedisModule_ReplyWithStringBuffer.expect("api")(
+                    ctx,
+                    b.as_ptr().cast::<c_char>(),
+                    b.len(),
+                );
+            }
+            Val::Err(e) => {
+                let msg = CString::new(e.replace(['\r', '\n', '\0'], " ")).unwrap_or_default();
+                raw::RedisModule_ReplyWithError.expect("api")(ctx, msg.as_ptr());
+            }
+            Val::Int(i) => {
+                raw::RedisModule_ReplyWithLongLong.expect("api")(ctx, *i);
+            }
+            Val::Array(items) => {
+                raw::RedisModule_ReplyWithArray.expect("api")(ctx, items.len() as libc::c_long);
+                for it in items {
+                    write_reply(ctx, it);
+                }
+            }
+        }
+    }
+}
+
+/// A client blocked until its reply is ready; the reply may be sent from any thread.
+#[derive(Debug)]
+pub struct Blocked(*mut RedisModuleBlockedClient);
+
+// SAFETY: a blocked-client handle is designed to be handed to another thread; Redis
+// serialises the unblock itself.
+unsafe impl Send for Blocked {}
+
+impl Blocked {
+    /// Blocks the client running the command of `ctx` (no timeout: our requests have their own).
+    pub fn block(ctx: &Context) -> Blocked {
+        // SAFETY: `ctx.ctx` is the live context of the command being executed.
+        let bc = unsafe {
+            raw::RedisModule_BlockClient.expect("api")(ctx.ctx, None, None, None, 0)
+        };
+        Blocked(bc)
+    }
+
+    /// Sends the reply and unblocks the client. Needs no lock: replies to a blocked
+    /// client's thread-safe context are buffered and moved to the client on unblock.
+    pub fn finish(mut self, v: &Val) {
+        let bc = std::mem::replace(&mut self.0, ptr::null_mut());
+        // SAFETY: `bc` came from RedisModule_BlockClient and is unblocked exactly once
+        // (the field is nulled so Drop does not do it again).
+        unsafe {
+            let tsc = raw::RedisModule_GetThreadSafeContext.expect("api")(bc);
+            write_reply(tsc, v);
+            raw::RedisModule_FreeThreadSafeContext.expect("api")(tsc);
+            raw::RedisModule_UnblockClient.expect("api")(bc, ptr::null_mut());
+        }
+    }
+}
+
+impl Drop for Blocked {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            let bc = std::mem::replace(&mut self.0, ptr::null_mut());
+            let v = Val::Err("ERR utmem: the request was dropped".into());
+            Blocked(bc).finish(&v);
+        }
+    }
+}
+
+/// What a key holds.
+#[derive(Debug, PartialEq, Eq)]
+pub enum KeyKind {
+    /// No such key.
+    Empty,
+    /// A plain string.
+    String,
+    /// A utmem value.
+    Ours,
+    /// Anything else (list, hash, another module's type...).
+    Other,
+}
+
+/// An open key; closed on drop.
+#[derive(Debug)]
+pub struct Key {
+    ctx: *mut RedisModuleCtx,
+    key: *mut RedisModuleKey,
+}
+
+const NO_EXPIRE: i64 = -1;
+
+impl Key {
+    /// Opens `name` for reading and writing.
+    pub fn open(ctx: &Context, name: &RedisString) -> Key {
+        let mode = (raw::REDISMODULE_READ | raw::REDISMODULE_WRITE) as c_int;
+        // SAFETY: `ctx` is live for the command; `name` is a valid RedisModuleString.
+        let key = unsafe {
+            raw::RedisModule_OpenKey.expect("api")(ctx.ctx, name.inner, mode).cast::<RedisModuleKey>()
+        };
+        Key { ctx: ctx.ctx, key }
+    }
+
+    fn module_type(&self) -> *mut raw::RedisModuleType {
+        // SAFETY: `self.key` is an open key.
+        unsafe { raw::RedisModule_ModuleTypeGetType.expect("api")(self.key) }
+    }
+
+    /// What it holds.
+    pub fn kind(&self) -> KeyKind {
+        // SAFETY: `self.key` is an open key.
+        let t = unsafe { raw::RedisModule_KeyType.expect("api")(self.key) };
+        match isize::try_from(t).unwrap_or(-1) {
+            raw::REDISMODULE_KEYTYPE_EMPTY => KeyKind::Empty,
+            raw::REDISMODULE_KEYTYPE_STRING => KeyKind::String,
+            raw::REDISMODULE_KEYTYPE_MODULE if self.module_type() == crate::datatype::raw_type() => {
+                KeyKind::Ours
+            }
+            _ => KeyKind::Other,
+        }
+    }
+
+    /// The stub of a utmem value.
+    pub fn stub(&self) -> Option<&crate::slot::Stub> {
+        if self.kind() != KeyKind::Ours {
+            return None;
+        }
+        // SAFETY: the key holds our module type, whose values are always `Box<Stub>`
+        // pointers; the stub lives as long as the key stays open and unmodified, which
+        // the borrow of `self` ensures.
+        unsafe {
+            let p = raw::RedisModule_ModuleTypeGetValue.expect("api")(self.key);
+            p.cast::<crate::slot::Stub>().as_ref()
+        }
+    }
+
+    /// The bytes of a plain string (copied, since the key may change afterwards).
+    pub fn string(&self) -> Option<Bytes> {
+        if self.kind() != KeyKind::String {
+            return None;
+        }
+        let mut len: usize = 0;
+        // SAFETY: the key holds a string; DMA in read mode gives a pointer valid until
+        // the key is modified or closed, and we copy out at once.
+        unsafe {
+            let p = raw::RedisModule_StringDMA.expect("api")(
+                self.key,
+                &mut len,
+                raw::REDISMODULE_READ as c_int,
+            );
+            if p.is_null() {
+                return Some(Bytes::new());
+            }
+            Some(Bytes::copy_from_slice(std::slice::from_raw_parts(p.cast::<u8>(), len)))
+        }
+    }
+
+    /// Length of a plain string without copying it.
+    pub fn string_len(&self) -> usize {
+        // SAFETY: `self.key` is an open key.
+        unsafe { raw::RedisModule_ValueLength.expect("api")(self.key) }
+    }
+
+    /// Replaces the value with a plain string (TTL cleared).
+    pub fn set_string(&self, s: &RedisString) {
+        // SAFETY: the key is open for writing; StringSet retains what it needs of `s`.
+        unsafe {
+            raw::RedisModule_StringSet.expect("api")(self.key, s.inner);
+        }
+    }
+
+    /// Replaces the value with a utmem stub (TTL cleared).
+    pub fn set_stub(&self, stub: crate::slot::Stub) {
+        let p = Box::into_raw(Box::new(stub)).cast::<c_void>();
+        // SAFETY: the key is open for writing; ownership of the box passes to Redis,
+        // which frees it through our type's `free` callback.
+        unsafe {
+            raw::RedisModule_ModuleTypeSetValue.expect("api")(self.key, crate::datatype::raw_type(), p);
+        }
+    }
+
+    /// Milliseconds to live, if the key has a TTL.
+    pub fn ttl_ms(&self) -> Option<i64> {
+        // SAFETY: `self.key` is an open key.
+        let t = unsafe { raw::RedisModule_GetExpire.expect("api")(self.key) };
+        (t != NO_EXPIRE).then_some(t)
+    }
+
+    /// Sets (`Some`) or removes (`None`) the TTL.
+    pub fn set_ttl_ms(&self, ms: Option<i64>) {
+        // SAFETY: the key is open for writing.
+        unsafe {
+            raw::RedisModule_SetExpire.expect("api")(self.key, ms.unwrap_or(NO_EXPIRE));
+        }
+    }
+
+    /// Deletes the key.
+    pub fn delete(&self) {
+        // SAFETY: the key is open for writing.
+        unsafe {
+            raw::RedisModule_DeleteKey.expect("api")(self.key);
+        }
+    }
+
+    /// Tells WATCH and client-side caching that the key changed.
+    pub fn signal_modified(&self, name: &RedisString) {
+        // SAFETY: `self.ctx` is the live context the key was opened with.
+        unsafe {
+            raw::RedisModule_SignalModifiedKey.expect("api")(self.ctx, name.inner);
+        }
+    }
+}
+
+impl Drop for Key {
+    fn drop(&mut self) {
+        // SAFETY: opened in `Key::open`, closed exactly once here.
+        unsafe { raw::RedisModule_CloseKey.expect("api")(self.key) };
+    }
+}
+
+/// The bytes of a RedisModuleString argument.
+pub fn string_bytes(s: &RedisString) -> &[u8] {
+    s.as_slice()
+}
+
+/// Emits `UTMEM.SET key value` into an AOF rewrite.
+pub fn emit_set(aof: *mut RedisModuleIO, key: *mut RedisModuleString, value: &[u8]) {
+    // SAFETY: `aof` and `key` come from Redis's aof_rewrite callback; format "sb" takes a
+    // RedisModuleString and a (pointer, length) pair that EmitAOF copies.
+    unsafe {
+        raw::RedisModule_EmitAOF.expect("api")(
+            aof,
+            c"UTMEM.SET".as_ptr(),
+            c"sb".as_ptr(),
+            key,
+            value.as_ptr().cast::<c_char>(),
+            value.len(),
+        );
+    }
+}
+
+/// Writes a u64 and a buffer into an RDB.
+pub fn rdb_save(rdb: *mut RedisModuleIO, flag: u64, value: &[u8]) {
+    raw::save_unsigned(rdb, flag);
+    raw::save_slice(rdb, value);
+}
+
+/// Reads what [`rdb_save`] wrote; `None` on an I/O error (diskless load).
+pub fn rdb_load(rdb: *mut RedisModuleIO) -> Option<(u64, Bytes)> {
+    let flag = raw::load_unsigned(rdb).ok()?;
+    let buf = raw::load_string_buffer(rdb).ok()?;
+    Some((flag, Bytes::copy_from_slice(buf.as_ref())))
+}
+
+/// Declares that rdb_load copes with I/O errors (diskless replica load).
+pub fn handle_io_errors(ctx: &Context) {
+    // SAFETY: called from OnLoad with the module's context.
+    unsafe {
+        raw::RedisModule_SetModuleOptions.expect("api")(
+            ctx.ctx,
+            raw::REDISMODULE_OPTIONS_HANDLE_IO_ERRORS as c_int,
+        );
+    }
+}
+
+/// Calls `f(true)` when a fork child (BGSAVE, AOF rewrite, full sync) is born and
+/// `f(false)` when it dies.
+pub fn on_fork_child(ctx: &Context, f: fn(bool)) {
+    FORK_HANDLER.get_or_init(|| f);
+    let event = raw::RedisModuleEvent {
+        id: raw::REDISMODULE_EVENT_FORK_CHILD as u64,
+        dataver: 1,
+    };
+    // SAFETY: OnLoad context; the callback is a plain extern fn that lives forever.
+    unsafe {
+        raw::RedisModule_SubscribeToServerEvent.expect("api")(ctx.ctx, event, Some(fork_event));
+    }
+}
+
+static FORK_HANDLER: std::sync::OnceLock<fn(bool)> = std::sync::OnceLock::new();
+
+extern "C" fn fork_event(
+    _ctx: *mut RedisModuleCtx,
+    _eid: raw::RedisModuleEvent,
+    subevent: u64,
+    _data: *mut c_void,
+) {
+    if let Some(f) = FORK_HANDLER.get() {
+        f(subevent == raw::REDISMODULE_SUBEVENT_FORK_CHILD_BORN as u64);
+    }
+}
+
+/// Adds the module's INFO section (named after the module; Redis prefixes each
+/// field with `utmem_`).
+pub fn info_section(ctx: *mut raw::RedisModuleInfoCtx, fields: &[(&str, String)]) {
+    // SAFETY: `ctx` is the live INFO context Redis passed to our handler; the field
+    // functions copy their arguments.
+    unsafe {
+        raw::RedisModule_InfoAddSection.expect("api")(ctx, ptr::null());
+        for (k, v) in fields {
+            let (Ok(k), Ok(v)) = (CString::new(*k), CString::new(v.as_str())) else {
+                continue;
+            };
+            raw::RedisModule_InfoAddFieldCString.expect("api")(ctx, k.as_ptr(), v.as_ptr());
+        }
+    }
+}
+
+/// Selects database `db` on a context.
+pub fn select_db(ctx: &Context, db: i32) -> bool {
+    // SAFETY: `ctx` is live and the GIL is held by the caller.
+    unsafe { raw::RedisModule_SelectDb.expect("api")(ctx.ctx, db) == raw::REDISMODULE_OK as c_int }
+}

@@ -1,0 +1,214 @@
+//! A utmem value: the stub Redis keeps in its keyspace, and the slot it shares
+//! with the I/O thread.
+//!
+//! The stub holds an `Arc<Slot>`. The slot's state moves from *pending* (the
+//! bytes are in Redis while the PUT is in flight) to *remote* (the host
+//! acknowledged; the bytes are dropped right there, on the I/O side, without
+//! Redis's global lock) or to *local* (host down or full: the bytes stay in
+//! Redis and are offered again later). The main thread reads the state under
+//! the slot's own small mutex. When the last reference to a slot goes, the
+//! host copy is flushed (after every job that still used it).
+
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use bytes::Bytes;
+
+use crate::stats::Stats;
+
+/// Where a value's bytes are.
+#[derive(Debug, Clone)]
+pub enum State {
+    /// In Redis, PUT in flight.
+    Pending(Bytes),
+    /// In Redis, kept there because the host was down or full; offered again later.
+    Local(Bytes),
+    /// On the host, with the checksum of the bytes.
+    Remote {
+        /// CRC32 of the value.
+        crc: u32,
+    },
+    /// Neither: the RDB it came from could not include it.
+    Lost,
+}
+
+/// One value.
+#[derive(Debug)]
+pub struct Slot {
+    /// Object id in the pool; never reused within the pool's life.
+    pub oid: u64,
+    /// Length in bytes.
+    pub len: usize,
+    state: Mutex<State>,
+    /// Set once a request for this object went to the host: then it must be flushed.
+    submitted: AtomicBool,
+}
+
+/// What a reader finds.
+#[derive(Debug, Clone)]
+pub enum Read {
+    /// The bytes are here.
+    Here(Bytes),
+    /// Fetch from the host and check against this CRC.
+    Remote(u32),
+    /// Gone.
+    Lost,
+}
+
+impl Slot {
+    /// A value whose PUT is about to be submitted.
+    pub fn pending(oid: u64, bytes: Bytes) -> Arc<Slot> {
+        let s = crate::stats();
+        Stats::add(&s.pending, 1);
+        Stats::add(&s.pending_bytes, len_i64(bytes.len()));
+        Arc::new(Slot {
+            oid,
+            len: bytes.len(),
+            state: Mutex::new(State::Pending(bytes)),
+            submitted: AtomicBool::new(false),
+        })
+    }
+
+    /// A value the host has under `oid` already (COPY inside the host).
+    pub fn remote(oid: u64, len: usize, crc: u32) -> Arc<Slot> {
+        let s = crate::stats();
+        Stats::add(&s.offloaded_values, 1);
+        Stats::add(&s.offloaded_bytes, len_i64(len));
+        Arc::new(Slot {
+            oid,
+            len,
+            state: Mutex::new(State::Remote { crc }),
+            submitted: AtomicBool::new(true),
+        })
+    }
+
+    /// A value an RDB could not include.
+    pub fn lost(oid: u64) -> Arc<Slot> {
+        Arc::new(Slot {
+            oid,
+            len: 0,
+            state: Mutex::new(State::Lost),
+            submitted: AtomicBool::new(false),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Where the bytes are.
+    pub fn read(&self) -> Read {
+        match &*self.lock() {
+            State::Pending(b) | State::Local(b) => Read::Here(b.clone()),
+            State::Remote { crc } => Read::Remote(*crc),
+            State::Lost => Read::Lost,
+        }
+    }
+
+    /// True when the bytes are held in Redis memory.
+    pub fn holds_bytes(&self) -> bool {
+        matches!(&*self.lock(), State::Pending(_) | State::Local(_))
+    }
+
+    /// The bytes to PUT, if this value still needs to go to the host (pending, or
+    /// local and being offered again, in which case it becomes pending).
+    pub fn take_for_put(&self) -> Option<Bytes> {
+        let mut st = self.lock();
+        let b = match &*st {
+            State::Pending(b) => b.clone(),
+            State::Local(b) => {
+                let b = b.clone();
+                let s = crate::stats();
+                Stats::add(&s.inline_values, -1);
+                Stats::add(&s.pending, 1);
+                Stats::add(&s.pending_bytes, len_i64(b.len()));
+                *st = State::Pending(b.clone());
+                b
+            }
+            State::Remote { .. } | State::Lost => return None,
+        };
+        self.submitted.store(true, Relaxed);
+        Some(b)
+    }
+
+    /// Marks that a request for this object was sent (COPY target).
+    pub fn mark_submitted(&self) {
+        self.submitted.store(true, Relaxed);
+    }
+
+    /// The host acknowledged the PUT: drop the bytes here.
+    pub fn acked(&self, crc: u32) {
+        let mut st = self.lock();
+        if let State::Pending(_) = &*st {
+            let s = crate::stats();
+            Stats::add(&s.pending, -1);
+            Stats::add(&s.pending_bytes, -len_i64(self.len));
+            Stats::add(&s.offloaded_values, 1);
+            Stats::add(&s.offloaded_bytes, len_i64(self.len));
+            *st = State::Remote { crc };
+        }
+    }
+
+    /// The PUT failed: keep the bytes in Redis.
+    pub fn keep_local(&self) {
+        let mut st = self.lock();
+        if let State::Pending(b) = &*st {
+            let b = b.clone();
+            let s = crate::stats();
+            Stats::add(&s.pending, -1);
+            Stats::add(&s.pending_bytes, -len_i64(self.len));
+            Stats::add(&s.inline_values, 1);
+            *st = State::Local(b);
+        }
+    }
+
+    /// A host-side COPY into this slot failed; hold these bytes locally instead.
+    pub fn replace_with_local(&self, b: Bytes) {
+        let mut st = self.lock();
+        if let State::Remote { .. } = &*st {
+            let s = crate::stats();
+            Stats::add(&s.offloaded_values, -1);
+            Stats::add(&s.offloaded_bytes, -len_i64(self.len));
+            Stats::add(&s.inline_values, 1);
+            *st = State::Local(b);
+        }
+    }
+
+    /// Approximate bytes this value takes in Redis (MEMORY USAGE).
+    pub fn mem_usage(&self) -> usize {
+        let held = match &*self.lock() {
+            State::Pending(b) | State::Local(b) => b.len(),
+            _ => 0,
+        };
+        std::mem::size_of::<Slot>() + std::mem::size_of::<Stub>() + held
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let s = crate::stats();
+        match &*self.lock() {
+            State::Pending(_) => {
+                Stats::add(&s.pending, -1);
+                Stats::add(&s.pending_bytes, -len_i64(self.len));
+            }
+            State::Local(_) => Stats::add(&s.inline_values, -1),
+            State::Remote { .. } => {
+                Stats::add(&s.offloaded_values, -1);
+                Stats::add(&s.offloaded_bytes, -len_i64(self.len));
+            }
+            State::Lost => {}
+        }
+        if self.submitted.load(Relaxed) {
+            crate::io::flush(self.oid);
+        }
+    }
+}
+
+fn len_i64(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The module value Redis stores for a utmem key.
+#[derive(Debug, Clone)]
+pub struct Stub(pub Arc<Slot>);
