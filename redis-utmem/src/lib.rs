@@ -112,12 +112,12 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
     }
     let spec = config::TRANSPORT.get();
     let pool = {
-        let p = config::POOL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut p = config::POOL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if p.is_empty() {
-            format!("redis-{}", port(ctx))
-        } else {
-            p.clone()
+            // A master and its replica on one host never share a pool.
+            *p = format!("redis-{}", port(ctx));
         }
+        p.clone()
     };
     let _ = PARENT_PID.set(std::process::id());
     raw::handle_io_errors(ctx);

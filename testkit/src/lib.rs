@@ -296,3 +296,208 @@ pub fn closed_by_peer(s: &mut UnixStream) -> bool {
         }
     }
 }
+
+/// A free TCP port on 127.0.0.1 (bound then released).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// The module of this build (target/<profile>/libredis_utmem.so), or `$UTMEM_MODULE`.
+pub fn module_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("UTMEM_MODULE") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .join("libredis_utmem.so");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p redis-utmem), or set UTMEM_MODULE",
+        bin.display()
+    );
+    bin
+}
+
+/// The server binary: `$UTMEM_REDIS_SERVER` (e.g. valkey-server) or `redis-server`.
+pub fn server_binary() -> String {
+    std::env::var("UTMEM_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into())
+}
+
+/// A running redis-server (or valkey-server) in a temp dir on a free port, killed on drop.
+#[derive(Debug)]
+pub struct Redis {
+    pub child: Child,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    args: Vec<String>,
+}
+
+impl Redis {
+    /// Starts a server with the module loaded (`module_args` after the module path) and
+    /// `extra` server arguments (e.g. `--appendonly yes`).
+    pub fn start(module_args: &[&str], extra: &[&str]) -> Redis {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(dir, module_args, extra)
+    }
+
+    /// Like [`Redis::start`] in a given directory (to restart from its dump).
+    pub fn start_in(dir: tempfile::TempDir, module_args: &[&str], extra: &[&str]) -> Redis {
+        let port = free_port();
+        let mut args: Vec<String> = vec![
+            "--port".into(),
+            port.to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--dir".into(),
+            dir.path().display().to_string(),
+            "--logfile".into(),
+            dir.path().join("redis.log").display().to_string(),
+            "--save".into(),
+            "".into(),
+            "--enable-debug-command".into(),
+            "yes".into(),
+            "--enable-module-command".into(),
+            "yes".into(),
+        ];
+        if !module_args.contains(&"--no-module") {
+            args.push("--loadmodule".into());
+            args.push(module_path().display().to_string());
+            args.extend(module_args.iter().map(|s| s.to_string()));
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = Command::new(server_binary())
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        let mut r = Redis { child, port, dir, args };
+        r.wait_ready();
+        r
+    }
+
+    fn wait_ready(&mut self) {
+        let t0 = Instant::now();
+        loop {
+            if let Ok(mut c) = self.try_conn() {
+                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                    return;
+                }
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("redis-server exited ({st}): {}", self.log());
+            }
+            assert!(t0.elapsed() < Duration::from_secs(20), "redis never came up: {}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn try_conn(&self) -> redis::RedisResult<redis::Connection> {
+        let c = redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))?;
+        c.get_connection_with_timeout(Duration::from_secs(5))
+    }
+
+    /// A new connection (60 s read timeout so a hang fails the test instead of CI).
+    pub fn conn(&self) -> redis::Connection {
+        let c = self.try_conn().expect("connect to redis");
+        c.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+        c
+    }
+
+    /// The server log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+
+    /// One INFO field as text.
+    pub fn info(&self, section: &str, field: &str) -> String {
+        let text: String = redis::cmd("INFO")
+            .arg(section)
+            .query(&mut self.conn())
+            .expect("INFO");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{field}:")))
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    }
+
+    /// Whether the process still runs.
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// SIGKILL, then start again with the same arguments and directory (same port).
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Command::new(server_binary())
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.wait_ready();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    /// (values, bytes) the host holds in pool `name` of any identity, from the admin socket.
+    pub fn pool_usage(&self, name: &str) -> (u64, u64) {
+        let (ok, out, err) = self.admin_cmd(&["stats", "--json"]);
+        assert!(ok, "stats failed: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        let mut total = (0, 0);
+        for ident in v["identities"].as_array().into_iter().flatten() {
+            for p in ident["pools"].as_array().into_iter().flatten() {
+                if p["name"] == name {
+                    total.0 += p["values"].as_u64().unwrap_or(0);
+                    total.1 += p["bytes"].as_u64().unwrap_or(0);
+                }
+            }
+        }
+        total
+    }
+
+    /// Waits (up to 20 s) until pool `name` holds `values` values; returns the last usage.
+    pub fn wait_pool_values(&self, name: &str, values: u64) -> (u64, u64) {
+        let t0 = Instant::now();
+        loop {
+            let u = self.pool_usage(name);
+            if u.0 == values || t0.elapsed() > Duration::from_secs(20) {
+                return u;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `unix:<guest socket>`.
+    pub fn spec(&self) -> String {
+        format!("unix:{}", self.sock.display())
+    }
+}
+
+/// A value of `len` bytes that encodes `(seed)` in every 8 bytes, so mix-ups show.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len + 8);
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
