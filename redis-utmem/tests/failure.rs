@@ -1,0 +1,158 @@
+//! The host dies or hangs: Redis stays up and responsive, replies follow the
+//! failure rules, and no acknowledged value whose pool survived is lost.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use utmem_testkit::{pattern, Daemon, Redis};
+
+/// A value that says which key and version it is.
+fn value(key: u64, version: u64) -> Vec<u8> {
+    let mut v = format!("k{key}v{version}:").into_bytes();
+    v.extend(pattern(key * 1_000_000 + version, 6000));
+    v
+}
+
+fn parse(v: &[u8]) -> Option<(u64, u64)> {
+    let s = std::str::from_utf8(&v[..v.iter().position(|b| *b == b':')?]).ok()?;
+    let (k, ver) = s.strip_prefix('k')?.split_once('v')?;
+    let (k, ver) = (k.parse().ok()?, ver.parse().ok()?);
+    (v == value(k, ver)).then_some((k, ver))
+}
+
+#[test]
+fn host_killed_mid_load_then_restarted() {
+    let mut d = Daemon::start(&[]);
+    let mut r = Redis::start(&["transport", &d.spec(), "threshold", "1024", "timeout-ms", "1000"], &[]);
+    const KEYS: u64 = 100;
+    let stop = Arc::new(AtomicBool::new(false));
+    // last acknowledged (version, ack time) per key
+    let acked: Arc<Mutex<Vec<Option<(u64, Instant)>>>> = Arc::new(Mutex::new(vec![None; KEYS as usize]));
+    let writer = {
+        let (mut c, stop, acked) = (r.conn(), Arc::clone(&stop), Arc::clone(&acked));
+        thread::spawn(move || {
+            let mut version = 0;
+            while !stop.load(Ordering::Relaxed) {
+                version += 1;
+                let k = version % KEYS;
+                let res: redis::RedisResult<String> =
+                    redis::cmd("UTMEM.SET").arg(format!("k{k}")).arg(value(k, version)).query(&mut c);
+                assert_eq!(res.expect("UTMEM.SET never fails with on-host-down local"), "OK");
+                acked.lock().expect("lock")[k as usize] = Some((version, Instant::now()));
+            }
+            version
+        })
+    };
+    let reader = {
+        let (mut c, stop) = (r.conn(), Arc::clone(&stop));
+        thread::spawn(move || {
+            let (mut ok, mut down, mut lost) = (0, 0, 0);
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 7;
+                let res: redis::RedisResult<Option<Vec<u8>>> =
+                    redis::cmd("UTMEM.GET").arg(format!("k{}", i % KEYS)).query(&mut c);
+                match res {
+                    Ok(Some(v)) => {
+                        let (k, _) = parse(&v).expect("never wrong data");
+                        assert_eq!(k, i % KEYS);
+                        ok += 1;
+                    }
+                    Ok(None) => {}
+                    Err(e) if e.to_string().contains("UTMEMDOWN") => down += 1,
+                    Err(e) if e.to_string().contains("UTMEMLOST") => lost += 1,
+                    Err(e) => panic!("unexpected reply {e}"),
+                }
+            }
+            (ok, down, lost)
+        })
+    };
+    thread::sleep(Duration::from_millis(700));
+    d.signal(Signal::SIGKILL);
+    let killed = Instant::now();
+    thread::sleep(Duration::from_millis(700));
+    d.restart();
+    thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::Relaxed);
+    let versions = writer.join().expect("writer");
+    let (ok, down, lost) = reader.join().expect("reader");
+    eprintln!("{versions} SETs acknowledged; reads: {ok} ok, {down} UTMEMDOWN, {lost} UTMEMLOST");
+    assert!(r.alive(), "redis crashed: {}", r.log());
+    let mut c = r.conn();
+    let _: String = redis::cmd("PING").query(&mut c).expect("ping");
+    // Values kept in Redis while the host was away reach the new host in the background.
+    let t0 = Instant::now();
+    while r.info("utmem", "utmem_inline_values") != "0" {
+        assert!(t0.elapsed() < Duration::from_secs(20), "kept values never re-offloaded");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let margin = Duration::from_millis(300);
+    let mut intact_after_kill = 0;
+    for (k, last) in acked.lock().expect("lock").iter().enumerate() {
+        let Some((version, at)) = last else { continue };
+        let res: redis::RedisResult<Option<Vec<u8>>> =
+            redis::cmd("UTMEM.GET").arg(format!("k{k}")).query(&mut c);
+        match res {
+            Ok(Some(v)) => assert_eq!(parse(&v), Some((k as u64, *version)), "k{k}"),
+            Err(e) if e.to_string().contains("UTMEMLOST") => {
+                // Only values that lived in the killed host's memory may be gone.
+                assert!(*at < killed + margin, "k{k} acknowledged after the kill was lost");
+            }
+            other => panic!("k{k}: {other:?}"),
+        }
+        if *at > killed + margin {
+            intact_after_kill += 1;
+        }
+    }
+    assert!(intact_after_kill > 0, "the load went on after the kill");
+}
+
+#[test]
+fn redis_answers_others_while_the_host_is_stopped() {
+    let d = Daemon::start(&[]);
+    let r = Redis::start(&["transport", &d.spec(), "threshold", "1024", "timeout-ms", "2000"], &[]);
+    let mut c = r.conn();
+    let big = pattern(3, 50_000);
+    let _: () = redis::cmd("UTMEM.SET").arg("big").arg(&big).query(&mut c).expect("set");
+    let _: () = redis::cmd("SET").arg("plain").arg("hello").query(&mut c).expect("set");
+    d.signal(Signal::SIGSTOP);
+    let waiters: Vec<_> = (0..4)
+        .map(|_| {
+            let mut c = r.conn();
+            thread::spawn(move || {
+                let t0 = Instant::now();
+                let res: redis::RedisResult<Vec<u8>> = redis::cmd("UTMEM.GET").arg("big").query(&mut c);
+                (res, t0.elapsed())
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(200));
+    for _ in 0..20 {
+        let _: String = redis::cmd("PING").query(&mut c).expect("PING while the host is stuck");
+        let v: String = redis::cmd("GET").arg("plain").query(&mut c).expect("GET");
+        assert_eq!(v, "hello");
+    }
+    for w in waiters {
+        let (res, took) = w.join().expect("waiter");
+        let e = res.expect_err("the host is stopped");
+        assert!(e.to_string().contains("UTMEMDOWN"), "{e}");
+        assert!(took < Duration::from_secs(10), "{took:?}");
+    }
+    d.signal(Signal::SIGCONT);
+    let t0 = Instant::now();
+    loop {
+        match redis::cmd("UTMEM.GET").arg("big").query::<Vec<u8>>(&mut c) {
+            Ok(v) => {
+                assert_eq!(v, big);
+                break;
+            }
+            Err(e) => {
+                assert!(t0.elapsed() < Duration::from_secs(10), "never recovered: {e}");
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
