@@ -21,7 +21,9 @@ use crate::slot::{Read, Slot, Stub};
 use crate::stats::Stats;
 
 fn arity(name: &str) -> RedisError {
-    RedisError::String(format!("ERR wrong number of arguments for '{name}' command"))
+    RedisError::String(format!(
+        "ERR wrong number of arguments for '{name}' command"
+    ))
 }
 
 fn now_ms() -> i64 {
@@ -109,15 +111,20 @@ fn parse_set_opts(args: &[RedisString]) -> Result<SetOpts, RedisError> {
     let mut o = SetOpts::default();
     let mut i = 0;
     while i < args.len() {
-        let a = args[i].try_as_str().map_err(|_| syntax())?.to_ascii_uppercase();
+        let a = args[i]
+            .try_as_str()
+            .map_err(|_| syntax())?
+            .to_ascii_uppercase();
         let mut num = |scale: i64, relative: bool| -> Result<i64, RedisError> {
             i += 1;
             let v = args.get(i).ok_or_else(syntax)?;
-            let n: i64 = v
-                .try_as_str()
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .ok_or(RedisError::Str("ERR value is not an integer or out of range"))?;
+            let n: i64 =
+                v.try_as_str()
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or(RedisError::Str(
+                        "ERR value is not an integer or out of range",
+                    ))?;
             let bad = || RedisError::Str("ERR invalid expire time in 'utmem.set' command");
             if n <= 0 {
                 return Err(bad());
@@ -282,7 +289,7 @@ pub fn mget(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
 
 /// UTMEM.MSET key value [key value ...]
 pub fn mset(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
-    if args.len() < 3 || args.len() % 2 == 0 {
+    if args.len() < 3 || args.len().is_multiple_of(2) {
         return Err(arity("utmem.mset"));
     }
     let pairs: Vec<(&RedisString, &RedisString)> =
@@ -380,7 +387,12 @@ pub fn offload(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
 }
 
 /// Makes `name` a plain string again if it still holds `slot`. Main thread (or GIL held).
-pub(crate) fn recall_key(ctx: &Context, name: &RedisString, slot: &Arc<Slot>, bytes: &[u8]) -> bool {
+pub(crate) fn recall_key(
+    ctx: &Context,
+    name: &RedisString,
+    slot: &Arc<Slot>,
+    bytes: &[u8],
+) -> bool {
     let key = Key::open(ctx, name);
     let same = key.stub().is_some_and(|s| Arc::ptr_eq(&s.0, slot));
     if same {
@@ -410,7 +422,9 @@ pub fn recall(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     drop(key);
     ctx.replicate_verbatim();
     match read {
-        Read::Here(b) => Ok(RedisValue::Integer(i64::from(recall_key(ctx, name, &slot, &b)))),
+        Read::Here(b) => Ok(RedisValue::Integer(i64::from(recall_key(
+            ctx, name, &slot, &b,
+        )))),
         Read::Lost => Err(RedisError::Str("UTMEMLOST this value is lost")),
         Read::Remote(crc) => {
             let pending = Gather::start(ctx, vec![None], |mut v| v.remove(0));
@@ -447,7 +461,12 @@ pub fn recallall(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     }
     let s = crate::stats();
     if s.recall_running
-        .compare_exchange(0, 1, std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed)
+        .compare_exchange(
+            0,
+            1,
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+        )
         .is_err()
     {
         return Err(RedisError::Str("ERR UTMEM.RECALLALL is already running"));
@@ -488,4 +507,3 @@ pub fn stats(_ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     }
     Ok(RedisValue::Array(out))
 }
-

@@ -42,7 +42,11 @@ pub struct Spec(pub Mutex<String>);
 impl Spec {
     /// The current value.
     pub fn get(&self) -> String {
-        let s = self.0.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let s = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         if s.is_empty() {
             DEFAULT_TRANSPORT.to_owned()
         } else {
@@ -100,7 +104,7 @@ fn int(name: &str, v: &str, min: i64, max: i64) -> Result<i64, String> {
 
 /// Applies `name value` pairs given at load time; the error names the option.
 pub fn apply_args(args: &[String]) -> Result<(), String> {
-    if args.len() % 2 != 0 {
+    if !args.len().is_multiple_of(2) {
         return Err(format!(
             "options come in `name value` pairs; got {} words ({})",
             args.len(),
@@ -137,7 +141,12 @@ pub fn apply_args(args: &[String]) -> Result<(), String> {
                 };
                 *ON_HOST_DOWN.lock().unwrap_or_else(PoisonError::into_inner) = mode;
             }
-            _ => return Err(format!("unknown option {:?}; known options: {OPTIONS}", pair[0])),
+            _ => {
+                return Err(format!(
+                    "unknown option {:?}; known options: {OPTIONS}",
+                    pair[0]
+                ))
+            }
         }
     }
     Ok(())

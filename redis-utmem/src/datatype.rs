@@ -83,7 +83,10 @@ unsafe extern "C" fn rdb_save(rdb: *mut RedisModuleIO, value: *mut c_void) {
         Ok(b) => save_pair(rdb, FLAG_VALUE, &b),
         Err(why) if in_fork_child() => {
             // Never write a snapshot that silently lacks a value: fail this BGSAVE.
-            eprintln!("utmem: cannot read object {} for the snapshot: {why}; aborting it", s.0.oid);
+            eprintln!(
+                "utmem: cannot read object {} for the snapshot: {why}; aborting it",
+                s.0.oid
+            );
             // SAFETY: _exit in a fork child ends only the child; Redis sees a failed save.
             unsafe { libc::_exit(1) };
         }
@@ -128,9 +131,13 @@ unsafe extern "C" fn aof_rewrite(
         return;
     };
     match bytes_for_save(s) {
-        Ok(b) => emit_set(aof, key, &b),
+        // SAFETY: `aof` and `key` are what Redis passed to this callback.
+        Ok(b) => unsafe { emit_set(aof, key, &b) },
         Err(why) => {
-            eprintln!("utmem: cannot read object {} for the AOF rewrite: {why}; aborting it", s.0.oid);
+            eprintln!(
+                "utmem: cannot read object {} for the AOF rewrite: {why}; aborting it",
+                s.0.oid
+            );
             if in_fork_child() {
                 // SAFETY: as in rdb_save: only the child ends, the rewrite fails.
                 unsafe { libc::_exit(1) };

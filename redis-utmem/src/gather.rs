@@ -56,7 +56,14 @@ struct Inner {
 #[derive(Clone)]
 pub struct Gather(Arc<Mutex<Inner>>);
 
+impl std::fmt::Debug for Gather {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Gather")
+    }
+}
+
 /// A command's reply in progress.
+#[allow(missing_debug_implementations)] // holds a channel receiver
 pub struct Pending {
     gather: Gather,
     rx: Option<mpsc::Receiver<Val>>,
@@ -153,13 +160,13 @@ impl Pending {
     /// blocked client to the completions. `detached` is what a detached command replies.
     pub fn reply(self, ctx: &Context, timeout: Duration, detached: Val) -> RedisResult {
         if let Some(v) = self.now {
-            write_reply(ctx.ctx, &v);
+            write_reply(ctx, &v);
             return Ok(RedisValue::NoReply);
         }
         match self.mode {
             Mode::Block => Ok(RedisValue::NoReply),
             Mode::Detached => {
-                write_reply(ctx.ctx, &detached);
+                write_reply(ctx, &detached);
                 Ok(RedisValue::NoReply)
             }
             Mode::Sync => {
@@ -167,9 +174,11 @@ impl Pending {
                     .rx
                     .and_then(|rx| rx.recv_timeout(timeout).ok())
                     .unwrap_or_else(|| {
-                        Val::Err(format!("UTMEMDOWN no answer from the host within {timeout:?}"))
+                        Val::Err(format!(
+                            "UTMEMDOWN no answer from the host within {timeout:?}"
+                        ))
                     });
-                write_reply(ctx.ctx, &v);
+                write_reply(ctx, &v);
                 Ok(RedisValue::NoReply)
             }
         }

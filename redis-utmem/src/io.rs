@@ -23,6 +23,7 @@ use crate::slot::{Read, Slot};
 use crate::stats::Stats;
 
 /// What the main thread (or a free callback on any thread) asks of the I/O thread.
+#[allow(missing_debug_implementations)] // holds completion closures
 pub enum Job {
     /// Send the slot's bytes to the host; `done` runs once the value is on the host
     /// or was kept in Redis.
@@ -57,6 +58,7 @@ pub enum Job {
 }
 
 /// Process-wide state of the loaded module.
+#[allow(missing_debug_implementations)] // holds the job channel
 pub struct Shared {
     /// The connection to the host.
     pub client: Client,
@@ -139,7 +141,10 @@ pub fn next_oid() -> u64 {
 pub fn send(job: Job) {
     if let Some(s) = shared() {
         if in_parent() {
-            let _ = s.tx.lock().unwrap_or_else(PoisonError::into_inner).send(job);
+            let _ =
+                s.tx.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .send(job);
         }
     }
 }

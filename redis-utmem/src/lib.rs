@@ -14,6 +14,8 @@ pub mod config;
 pub mod datatype;
 pub mod gather;
 pub mod io;
+#[cfg(not(test))]
+mod module;
 pub mod raw;
 pub mod recall;
 pub mod slot;
@@ -22,13 +24,8 @@ pub mod stats;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::LazyLock;
 
-use redis_module::configuration::ConfigurationFlags;
-use redis_module::{
-    redis_module, Context, InfoContext, RedisResult, RedisString, RedisValue, Status,
-};
+use redis_module::{InfoContext, RedisResult};
 
-use crate::config::OnHostDown;
-use crate::datatype::UTMEM_TYPE;
 use crate::stats::Stats;
 
 static STATS: LazyLock<Stats> = LazyLock::new(Stats::default);
@@ -46,7 +43,7 @@ pub fn is_parent() -> bool {
     })
 }
 
-static PARENT_PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+pub(crate) static PARENT_PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
 
 /// Logs a warning to the Redis log.
 pub fn log_warning(msg: &str) {
@@ -85,92 +82,6 @@ pub fn info_fields() -> Vec<(&'static str, String)> {
 
 #[redis_module_macros::info_command_handler]
 fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
-    raw::info_section(ctx.ctx, &info_fields());
+    raw::info_section(ctx, &info_fields());
     Ok(())
-}
-
-fn port(ctx: &Context) -> String {
-    match ctx.call("CONFIG", &["GET", "port"][..]) {
-        Ok(RedisValue::Array(a)) => match a.get(1) {
-            Some(RedisValue::BulkRedisString(s)) => s.try_as_str().unwrap_or("0").to_owned(),
-            Some(RedisValue::BulkString(s)) | Some(RedisValue::SimpleString(s)) => s.clone(),
-            _ => "0".into(),
-        },
-        _ => "0".into(),
-    }
-}
-
-fn on_fork(born: bool) {
-    io::send(io::Job::Fork(born));
-}
-
-fn init(ctx: &Context, args: &[RedisString]) -> Status {
-    let words: Vec<String> = args.iter().map(|a| a.to_string_lossy()).collect();
-    if let Err(e) = config::apply_args(&words) {
-        ctx.log_warning(&format!("utmem: refusing to load: {e}"));
-        return Status::Err;
-    }
-    let spec = config::TRANSPORT.get();
-    let pool = {
-        let mut p = config::POOL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if p.is_empty() {
-            // A master and its replica on one host never share a pool.
-            *p = format!("redis-{}", port(ctx));
-        }
-        p.clone()
-    };
-    let _ = PARENT_PID.set(std::process::id());
-    raw::handle_io_errors(ctx);
-    raw::on_fork_child(ctx, on_fork);
-    match io::start(&spec, &pool, config::timeout()) {
-        Ok(m) => {
-            ctx.log_notice(&format!(
-                "utmem: transport {} pool {pool} threshold {} (host {})",
-                m.client.target(),
-                config::threshold(),
-                if m.client.is_connected() { "connected" } else { "not reachable yet" }
-            ));
-            Status::Ok
-        }
-        Err(e) => {
-            ctx.log_warning(&format!("utmem: refusing to load: option transport: {e}"));
-            Status::Err
-        }
-    }
-}
-
-redis_module! {
-    name: "utmem",
-    version: 1,
-    allocator: (redis_module::alloc::RedisAlloc, redis_module::alloc::RedisAlloc),
-    data_types: [UTMEM_TYPE],
-    init: init,
-    commands: [
-        ["utmem.set", commands::set, "write deny-oom", 1, 1, 1, ""],
-        ["utmem.get", commands::get, "readonly", 1, 1, 1, ""],
-        ["utmem.mget", commands::mget, "readonly", 1, -1, 1, ""],
-        ["utmem.mset", commands::mset, "write deny-oom", 1, -1, 2, ""],
-        ["utmem.getdel", commands::getdel, "write", 1, 1, 1, ""],
-        ["utmem.strlen", commands::strlen, "readonly fast", 1, 1, 1, ""],
-        ["utmem.offload", commands::offload, "write", 1, 1, 1, ""],
-        ["utmem.recall", commands::recall, "write", 1, 1, 1, ""],
-        ["utmem.recallall", commands::recallall, "write", 0, 0, 0, ""],
-        ["utmem.stats", commands::stats, "readonly fast", 0, 0, 0, ""],
-    ],
-    configurations: [
-        i64: [
-            ["threshold", &config::THRESHOLD, 4096, 0, config::THRESHOLD_MAX, ConfigurationFlags::DEFAULT, None],
-            ["timeout-ms", &config::TIMEOUT_MS, 5000, 1, config::TIMEOUT_MAX, ConfigurationFlags::DEFAULT, None],
-            ["max-pending-bytes", &config::MAX_PENDING_BYTES, 256 << 20, 0, i64::MAX, ConfigurationFlags::DEFAULT, None],
-        ],
-        string: [
-            ["transport", &config::TRANSPORT, config::DEFAULT_TRANSPORT, ConfigurationFlags::IMMUTABLE, None],
-            ["pool", &config::POOL, "", ConfigurationFlags::IMMUTABLE, None],
-        ],
-        bool: [],
-        enum: [
-            ["on-host-down", &config::ON_HOST_DOWN, OnHostDown::local, ConfigurationFlags::DEFAULT, None],
-        ],
-        module_args_as_configuration: false,
-    ]
 }

@@ -31,8 +31,10 @@ pub enum Val {
     Array(Vec<Val>),
 }
 
-/// Writes `v` as the reply on `ctx`.
-pub fn write_reply(ctx: *mut RedisModuleCtx, v: &Val) {
+/// Writes `v` as the reply on `ctx` (a command's context, or the thread-safe
+/// context of a blocked client).
+pub fn write_reply(ctx: &Context, v: &Val) {
+    let ctx = ctx.ctx;
     // SAFETY: `ctx` is a live context owned by the caller (a command's context on the
     // main thread, or a thread-safe context of a blocked client); the reply functions
     // copy their arguments before returning.
@@ -59,9 +61,11 @@ pub fn write_reply(ctx: *mut RedisModuleCtx, v: &Val) {
                 raw::RedisModule_ReplyWithLongLong.expect("api")(ctx, *i);
             }
             Val::Array(items) => {
-                raw::RedisModule_ReplyWithArray.expect("api")(ctx, items.len() as libc::c_long);
+                let n = libc::c_long::try_from(items.len()).unwrap_or(libc::c_long::MAX);
+                raw::RedisModule_ReplyWithArray.expect("api")(ctx, n);
+                let c = Context::new(ctx);
                 for it in items {
-                    write_reply(ctx, it);
+                    write_reply(&c, it);
                 }
             }
         }
@@ -80,9 +84,8 @@ impl Blocked {
     /// Blocks the client running the command of `ctx` (no timeout: our requests have their own).
     pub fn block(ctx: &Context) -> Blocked {
         // SAFETY: `ctx.ctx` is the live context of the command being executed.
-        let bc = unsafe {
-            raw::RedisModule_BlockClient.expect("api")(ctx.ctx, None, None, None, 0)
-        };
+        let bc =
+            unsafe { raw::RedisModule_BlockClient.expect("api")(ctx.ctx, None, None, None, 0) };
         Blocked(bc)
     }
 
@@ -94,7 +97,7 @@ impl Blocked {
         // (the field is nulled so Drop does not do it again).
         unsafe {
             let tsc = raw::RedisModule_GetThreadSafeContext.expect("api")(bc);
-            write_reply(tsc, v);
+            write_reply(&Context::new(tsc), v);
             raw::RedisModule_FreeThreadSafeContext.expect("api")(tsc);
             raw::RedisModule_UnblockClient.expect("api")(bc, ptr::null_mut());
         }
@@ -139,7 +142,8 @@ impl Key {
         let mode = (raw::REDISMODULE_READ | raw::REDISMODULE_WRITE) as c_int;
         // SAFETY: `ctx` is live for the command; `name` is a valid RedisModuleString.
         let key = unsafe {
-            raw::RedisModule_OpenKey.expect("api")(ctx.ctx, name.inner, mode).cast::<RedisModuleKey>()
+            raw::RedisModule_OpenKey.expect("api")(ctx.ctx, name.inner, mode)
+                .cast::<RedisModuleKey>()
         };
         Key { ctx: ctx.ctx, key }
     }
@@ -156,7 +160,9 @@ impl Key {
         match isize::try_from(t).unwrap_or(-1) {
             raw::REDISMODULE_KEYTYPE_EMPTY => KeyKind::Empty,
             raw::REDISMODULE_KEYTYPE_STRING => KeyKind::String,
-            raw::REDISMODULE_KEYTYPE_MODULE if self.module_type() == crate::datatype::raw_type() => {
+            raw::REDISMODULE_KEYTYPE_MODULE
+                if self.module_type() == crate::datatype::raw_type() =>
+            {
                 KeyKind::Ours
             }
             _ => KeyKind::Other,
@@ -194,7 +200,10 @@ impl Key {
             if p.is_null() {
                 return Some(Bytes::new());
             }
-            Some(Bytes::copy_from_slice(std::slice::from_raw_parts(p.cast::<u8>(), len)))
+            Some(Bytes::copy_from_slice(std::slice::from_raw_parts(
+                p.cast::<u8>(),
+                len,
+            )))
         }
     }
 
@@ -218,7 +227,11 @@ impl Key {
         // SAFETY: the key is open for writing; ownership of the box passes to Redis,
         // which frees it through our type's `free` callback.
         unsafe {
-            raw::RedisModule_ModuleTypeSetValue.expect("api")(self.key, crate::datatype::raw_type(), p);
+            raw::RedisModule_ModuleTypeSetValue.expect("api")(
+                self.key,
+                crate::datatype::raw_type(),
+                p,
+            );
         }
     }
 
@@ -267,8 +280,11 @@ pub fn string_bytes(s: &RedisString) -> &[u8] {
 }
 
 /// Emits `UTMEM.SET key value` into an AOF rewrite.
-pub fn emit_set(aof: *mut RedisModuleIO, key: *mut RedisModuleString, value: &[u8]) {
-    // SAFETY: `aof` and `key` come from Redis's aof_rewrite callback; format "sb" takes a
+///
+/// # Safety
+/// `aof` and `key` must be the pointers Redis passed to the aof_rewrite callback.
+pub unsafe fn emit_set(aof: *mut RedisModuleIO, key: *mut RedisModuleString, value: &[u8]) {
+    // SAFETY: `aof` and `key` are valid per the contract; format "sb" takes a
     // RedisModuleString and a (pointer, length) pair that EmitAOF copies.
     unsafe {
         raw::RedisModule_EmitAOF.expect("api")(
@@ -311,7 +327,7 @@ pub fn handle_io_errors(ctx: &Context) {
 pub fn on_fork_child(ctx: &Context, f: fn(bool)) {
     FORK_HANDLER.get_or_init(|| f);
     let event = raw::RedisModuleEvent {
-        id: raw::REDISMODULE_EVENT_FORK_CHILD as u64,
+        id: raw::REDISMODULE_EVENT_FORK_CHILD,
         dataver: 1,
     };
     // SAFETY: OnLoad context; the callback is a plain extern fn that lives forever.
@@ -329,13 +345,14 @@ extern "C" fn fork_event(
     _data: *mut c_void,
 ) {
     if let Some(f) = FORK_HANDLER.get() {
-        f(subevent == raw::REDISMODULE_SUBEVENT_FORK_CHILD_BORN as u64);
+        f(subevent == raw::REDISMODULE_SUBEVENT_FORK_CHILD_BORN);
     }
 }
 
 /// Adds the module's INFO section (named after the module; Redis prefixes each
 /// field with `utmem_`).
-pub fn info_section(ctx: *mut raw::RedisModuleInfoCtx, fields: &[(&str, String)]) {
+pub fn info_section(info: &redis_module::InfoContext, fields: &[(&str, String)]) {
+    let ctx = info.ctx;
     // SAFETY: `ctx` is the live INFO context Redis passed to our handler; the field
     // functions copy their arguments.
     unsafe {
@@ -352,5 +369,5 @@ pub fn info_section(ctx: *mut raw::RedisModuleInfoCtx, fields: &[(&str, String)]
 /// Selects database `db` on a context.
 pub fn select_db(ctx: &Context, db: i32) -> bool {
     // SAFETY: `ctx` is live and the GIL is held by the caller.
-    unsafe { raw::RedisModule_SelectDb.expect("api")(ctx.ctx, db) == raw::REDISMODULE_OK as c_int }
+    unsafe { raw::RedisModule_SelectDb.expect("api")(ctx.ctx, db) == 0 } // REDISMODULE_OK
 }

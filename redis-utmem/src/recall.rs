@@ -20,7 +20,10 @@ fn bytes_of(v: &RedisValue) -> Option<Vec<u8>> {
 }
 
 /// One SCAN step of db `db`: the next cursor and the utmem keys found with their slots.
-fn scan(ctx: &Context, db: i32, cursor: &str) -> Option<(String, Vec<(Vec<u8>, Arc<Slot>)>)> {
+/// A key name and the value it held when scanned.
+type Found = (Vec<u8>, Arc<Slot>);
+
+fn scan(ctx: &Context, db: i32, cursor: &str) -> Option<(String, Vec<Found>)> {
     if !select_db(ctx, db) {
         return None;
     }

@@ -1,6 +1,8 @@
 //! UTMEM.* against the replies plain Redis gives, keyspace commands, options.
 //! Real redis-server (or $UTMEM_REDIS_SERVER), real utmem-hostd, Unix sockets.
 
+#![allow(clippy::cast_possible_truncation)] // test data patterns
+
 use std::time::{Duration, Instant};
 
 use redis::{Connection, Value};
@@ -49,7 +51,10 @@ fn set_family_replies_like_plain_redis() {
         .as_secs()
         + 1000)
         .to_string();
-    for (n, len) in [10usize, THRESHOLD - 1, THRESHOLD, 70_000].into_iter().enumerate() {
+    for (n, len) in [10usize, THRESHOLD - 1, THRESHOLD, 70_000]
+        .into_iter()
+        .enumerate()
+    {
         let v1 = pattern(n as u64, len);
         let v2 = pattern(100 + n as u64, len + 3);
         let cases: Vec<Vec<&[u8]>> = vec![
@@ -113,7 +118,9 @@ fn set_family_replies_like_plain_redis() {
             let ours = rename("UTMEM.");
             let plain_r = q(&mut c, &plain.iter().map(Vec::as_slice).collect::<Vec<_>>());
             let ours_r = q(&mut c, &ours.iter().map(Vec::as_slice).collect::<Vec<_>>());
-            let plain_r = plain_r.replace(&format!("K{n}"), "K").replace(&format!("L{n}"), "L");
+            let plain_r = plain_r
+                .replace(&format!("K{n}"), "K")
+                .replace(&format!("L{n}"), "L");
             let ours_r = ours_r
                 .replace(&format!("UTMEM.K{n}"), "K")
                 .replace(&format!("K{n}"), "K")
@@ -133,29 +140,62 @@ fn values_round_trip_and_types() {
     let (d, r) = start();
     let mut c = r.conn();
     let big = pattern(1, 100_000);
-    let _: () = redis::cmd("UTMEM.SET").arg("big").arg(&big).query(&mut c).expect("set");
-    let _: () = redis::cmd("UTMEM.SET").arg("small").arg("x").query(&mut c).expect("set");
-    let got: Vec<u8> = redis::cmd("UTMEM.GET").arg("big").query(&mut c).expect("get");
+    let _: () = redis::cmd("UTMEM.SET")
+        .arg("big")
+        .arg(&big)
+        .query(&mut c)
+        .expect("set");
+    let _: () = redis::cmd("UTMEM.SET")
+        .arg("small")
+        .arg("x")
+        .query(&mut c)
+        .expect("set");
+    let got: Vec<u8> = redis::cmd("UTMEM.GET")
+        .arg("big")
+        .query(&mut c)
+        .expect("get");
     assert_eq!(got, big);
-    assert_eq!(raw(&mut c, &["TYPE", "big"]), Value::SimpleString("utmem-val".into()));
-    assert_eq!(raw(&mut c, &["TYPE", "small"]), Value::SimpleString("string".into()));
+    assert_eq!(
+        raw(&mut c, &["TYPE", "big"]),
+        Value::SimpleString("utmem-val".into())
+    );
+    assert_eq!(
+        raw(&mut c, &["TYPE", "small"]),
+        Value::SimpleString("string".into())
+    );
     // Plain GET of an offloaded key is WRONGTYPE, like any other non-string type.
     assert!(redis::cmd("GET").arg("big").query::<Value>(&mut c).is_err());
     assert_eq!(d.wait_pool_values(&pool(&r), 1), (1, 100_000));
     assert_eq!(r.info("utmem", "utmem_offloaded_values"), "1");
     assert_eq!(r.info("utmem", "utmem_offloaded_bytes"), "100000");
-    let usage: i64 = redis::cmd("MEMORY").arg("USAGE").arg("big").query(&mut c).expect("usage");
+    let usage: i64 = redis::cmd("MEMORY")
+        .arg("USAGE")
+        .arg("big")
+        .query(&mut c)
+        .expect("usage");
     assert!(usage > 0 && usage < 1000, "MEMORY USAGE {usage}");
     // OFFLOAD / RECALL.
     let plain = pattern(2, 50_000);
-    let _: () = redis::cmd("SET").arg("p").arg(&plain).arg("EX").arg("1000").query(&mut c).expect("set");
+    let _: () = redis::cmd("SET")
+        .arg("p")
+        .arg(&plain)
+        .arg("EX")
+        .arg("1000")
+        .query(&mut c)
+        .expect("set");
     assert_eq!(raw(&mut c, &["UTMEM.OFFLOAD", "p"]), Value::Int(1));
-    assert_eq!(raw(&mut c, &["TYPE", "p"]), Value::SimpleString("utmem-val".into()));
+    assert_eq!(
+        raw(&mut c, &["TYPE", "p"]),
+        Value::SimpleString("utmem-val".into())
+    );
     let ttl: i64 = redis::cmd("TTL").arg("p").query(&mut c).expect("ttl");
     assert!(ttl > 990, "OFFLOAD kept the TTL: {ttl}");
     assert_eq!(d.wait_pool_values(&pool(&r), 2).0, 2);
     assert_eq!(raw(&mut c, &["UTMEM.RECALL", "p"]), Value::Int(1));
-    assert_eq!(raw(&mut c, &["TYPE", "p"]), Value::SimpleString("string".into()));
+    assert_eq!(
+        raw(&mut c, &["TYPE", "p"]),
+        Value::SimpleString("string".into())
+    );
     let back: Vec<u8> = redis::cmd("GET").arg("p").query(&mut c).expect("get");
     assert_eq!(back, plain);
     let ttl: i64 = redis::cmd("TTL").arg("p").query(&mut c).expect("ttl");
@@ -163,17 +203,26 @@ fn values_round_trip_and_types() {
     assert_eq!(d.wait_pool_values(&pool(&r), 1).0, 1);
     // RECALLALL brings everything back as plain strings.
     for i in 0..50 {
-        let _: () = redis::cmd("UTMEM.SET").arg(format!("many{i}")).arg(pattern(i, 5000))
-            .query(&mut c).expect("set");
+        let _: () = redis::cmd("UTMEM.SET")
+            .arg(format!("many{i}"))
+            .arg(pattern(i, 5000))
+            .query(&mut c)
+            .expect("set");
     }
     assert_eq!(raw(&mut c, &["UTMEM.RECALLALL"]), Value::Okay);
     let t0 = Instant::now();
     while r.info("utmem", "utmem_recall_running") != "0" {
-        assert!(t0.elapsed() < Duration::from_secs(30), "RECALLALL never finished");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "RECALLALL never finished"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     for i in 0..50 {
-        let v: Vec<u8> = redis::cmd("GET").arg(format!("many{i}")).query(&mut c).expect("get");
+        let v: Vec<u8> = redis::cmd("GET")
+            .arg(format!("many{i}"))
+            .query(&mut c)
+            .expect("get");
         assert_eq!(v, pattern(i, 5000));
     }
     let big_back: Vec<u8> = redis::cmd("GET").arg("big").query(&mut c).expect("get");
@@ -186,12 +235,21 @@ fn keyspace_commands_leave_no_bytes_on_the_host() {
     let (d, r) = start();
     let mut c = r.conn();
     let set = |c: &mut Connection, k: &str, seed: u64| {
-        let _: () = redis::cmd("UTMEM.SET").arg(k).arg(pattern(seed, 20_000)).query(c).expect("set");
+        let _: () = redis::cmd("UTMEM.SET")
+            .arg(k)
+            .arg(pattern(seed, 20_000))
+            .query(c)
+            .expect("set");
     };
     let get = |c: &mut Connection, k: &str| -> Option<Vec<u8>> {
         redis::cmd("UTMEM.GET").arg(k).query(c).expect("get")
     };
-    for (i, k) in ["del", "unlink", "exp", "ren", "mov", "cp", "swap", "over", "all"].iter().enumerate() {
+    for (i, k) in [
+        "del", "unlink", "exp", "ren", "mov", "cp", "swap", "over", "all",
+    ]
+    .iter()
+    .enumerate()
+    {
         set(&mut c, k, i as u64);
     }
     assert_eq!(d.wait_pool_values(&pool(&r), 9).0, 9);
@@ -205,18 +263,26 @@ fn keyspace_commands_leave_no_bytes_on_the_host() {
     assert_eq!(raw(&mut c, &["COPY", "cp", "cp2"]), Value::Int(1));
     assert_eq!(get(&mut c, "cp2"), Some(pattern(5, 20_000)));
     assert_eq!(raw(&mut c, &["DEL", "cp"]), Value::Int(1));
-    assert_eq!(get(&mut c, "cp2"), Some(pattern(5, 20_000)), "the copy outlives its source");
+    assert_eq!(
+        get(&mut c, "cp2"),
+        Some(pattern(5, 20_000)),
+        "the copy outlives its source"
+    );
     assert_eq!(raw(&mut c, &["SWAPDB", "0", "1"]), Value::Okay);
     assert_eq!(get(&mut c, "mov"), Some(pattern(4, 20_000)));
     assert_eq!(raw(&mut c, &["SWAPDB", "0", "1"]), Value::Okay);
     set(&mut c, "over", 99);
     assert_eq!(get(&mut c, "over"), Some(pattern(99, 20_000)));
-    let Value::Array(scan) = raw(&mut c, &["SCAN", "0", "TYPE", "utmem-val", "COUNT", "1000"]) else {
+    let Value::Array(scan) = raw(&mut c, &["SCAN", "0", "TYPE", "utmem-val", "COUNT", "1000"])
+    else {
         panic!("scan")
     };
     assert!(format!("{scan:?}").contains("cp2"));
     let enc = raw(&mut c, &["OBJECT", "ENCODING", "cp2"]);
-    assert!(matches!(enc, Value::BulkString(_) | Value::SimpleString(_)), "{enc:?}");
+    assert!(
+        matches!(enc, Value::BulkString(_) | Value::SimpleString(_)),
+        "{enc:?}"
+    );
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(get(&mut c, "exp"), None, "expired");
     // del, unlink, exp, cp are gone; ren2, mov (db1), cp2, swap, over, all remain.
@@ -234,25 +300,70 @@ fn keyspace_commands_leave_no_bytes_on_the_host() {
 fn options_configs_and_bad_options() {
     let (d, r) = start();
     let mut c = r.conn();
-    let v: Vec<String> = redis::cmd("CONFIG").arg("GET").arg("utmem.threshold").query(&mut c).expect("get");
+    let v: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("utmem.threshold")
+        .query(&mut c)
+        .expect("get");
     assert_eq!(v, ["utmem.threshold", "1024"]);
-    let _: () = redis::cmd("CONFIG").arg("SET").arg("utmem.threshold").arg("10").query(&mut c).expect("set");
-    let _: () = redis::cmd("UTMEM.SET").arg("k").arg("0123456789ab").query(&mut c).expect("set");
-    assert_eq!(raw(&mut c, &["TYPE", "k"]), Value::SimpleString("utmem-val".into()));
-    assert!(redis::cmd("CONFIG").arg("SET").arg("utmem.transport").arg("unix:/x")
-        .query::<Value>(&mut c).is_err(), "transport is immutable");
-    let v: Vec<String> = redis::cmd("CONFIG").arg("GET").arg("utmem.pool").query(&mut c).expect("get");
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("utmem.threshold")
+        .arg("10")
+        .query(&mut c)
+        .expect("set");
+    let _: () = redis::cmd("UTMEM.SET")
+        .arg("k")
+        .arg("0123456789ab")
+        .query(&mut c)
+        .expect("set");
+    assert_eq!(
+        raw(&mut c, &["TYPE", "k"]),
+        Value::SimpleString("utmem-val".into())
+    );
+    assert!(
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("utmem.transport")
+            .arg("unix:/x")
+            .query::<Value>(&mut c)
+            .is_err(),
+        "transport is immutable"
+    );
+    let v: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("utmem.pool")
+        .query(&mut c)
+        .expect("get");
     assert_eq!(v[1], pool(&r));
-    let v: Vec<String> = redis::cmd("CONFIG").arg("GET").arg("utmem.on-host-down").query(&mut c).expect("get");
+    let v: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("utmem.on-host-down")
+        .query(&mut c)
+        .expect("get");
     assert_eq!(v[1], "local");
     // MODULE LOAD with the same arguments into a server started without the module.
     let bare = Redis::start(&["--no-module"], &[]);
     let mut b = bare.conn();
     let m = utmem_testkit::module_path().display().to_string();
-    let _: () = redis::cmd("MODULE").arg("LOAD").arg(&m).arg("transport").arg(d.spec())
-        .arg("threshold").arg("4096").query(&mut b).expect("MODULE LOAD");
-    let _: () = redis::cmd("UTMEM.SET").arg("x").arg(pattern(1, 5000)).query(&mut b).expect("set");
-    assert_eq!(raw(&mut b, &["TYPE", "x"]), Value::SimpleString("utmem-val".into()));
+    let _: () = redis::cmd("MODULE")
+        .arg("LOAD")
+        .arg(&m)
+        .arg("transport")
+        .arg(d.spec())
+        .arg("threshold")
+        .arg("4096")
+        .query(&mut b)
+        .expect("MODULE LOAD");
+    let _: () = redis::cmd("UTMEM.SET")
+        .arg("x")
+        .arg(pattern(1, 5000))
+        .query(&mut b)
+        .expect("set");
+    assert_eq!(
+        raw(&mut b, &["TYPE", "x"]),
+        Value::SimpleString("utmem-val".into())
+    );
     // Bad options: the server refuses to start and says which option and why.
     for (args, says) in [
         (vec!["threshold", "lots"], "option threshold"),
@@ -263,7 +374,11 @@ fn options_configs_and_bad_options() {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("r.log");
         let status = std::process::Command::new(utmem_testkit::server_binary())
-            .args(["--port", &utmem_testkit::free_port().to_string(), "--logfile"])
+            .args([
+                "--port",
+                &utmem_testkit::free_port().to_string(),
+                "--logfile",
+            ])
             .arg(&log)
             .arg("--loadmodule")
             .arg(&m)
@@ -281,19 +396,51 @@ fn host_down_local_fallback_then_background_offload() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("later.sock");
     let spec = format!("unix:{}", sock.display());
-    let r = Redis::start(&["transport", &spec, "threshold", "1024", "timeout-ms", "1000"], &[]);
+    let r = Redis::start(
+        &[
+            "transport",
+            &spec,
+            "threshold",
+            "1024",
+            "timeout-ms",
+            "1000",
+        ],
+        &[],
+    );
     let mut c = r.conn();
     let v = pattern(7, 30_000);
-    let _: () = redis::cmd("UTMEM.SET").arg("k").arg(&v).query(&mut c).expect("SET succeeds locally");
+    let _: () = redis::cmd("UTMEM.SET")
+        .arg("k")
+        .arg(&v)
+        .query(&mut c)
+        .expect("SET succeeds locally");
     let got: Vec<u8> = redis::cmd("UTMEM.GET").arg("k").query(&mut c).expect("get");
     assert_eq!(got, v);
     assert_eq!(r.info("utmem", "utmem_inline_values"), "1");
-    assert!(r.info("utmem", "utmem_host_down_fallbacks").parse::<u64>().expect("n") >= 1);
+    assert!(
+        r.info("utmem", "utmem_host_down_fallbacks")
+            .parse::<u64>()
+            .expect("n")
+            >= 1
+    );
     // on-host-down error: refused while the host is down.
-    let _: () = redis::cmd("CONFIG").arg("SET").arg("utmem.on-host-down").arg("error").query(&mut c).expect("cfg");
-    let e = redis::cmd("UTMEM.SET").arg("k2").arg(&v).query::<()>(&mut c).expect_err("refused");
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("utmem.on-host-down")
+        .arg("error")
+        .query(&mut c)
+        .expect("cfg");
+    let e = redis::cmd("UTMEM.SET")
+        .arg("k2")
+        .arg(&v)
+        .query::<()>(&mut c)
+        .expect_err("refused");
     assert!(e.to_string().contains("UTMEMDOWN"), "{e}");
-    assert_eq!(raw(&mut c, &["EXISTS", "k2"]), Value::Int(0), "nothing changed");
+    assert_eq!(
+        raw(&mut c, &["EXISTS", "k2"]),
+        Value::Int(0),
+        "nothing changed"
+    );
     // The host comes up: the kept value goes to it in the background.
     let d = Daemon::start(&[&format!("--listen=unix:{}", sock.display())]);
     let t0 = Instant::now();
@@ -313,14 +460,25 @@ fn no_space_keeps_values_in_redis() {
     let r = Redis::start(&["transport", &d.spec(), "threshold", "1024"], &[]);
     let mut c = r.conn();
     for i in 0..5 {
-        let _: () = redis::cmd("UTMEM.SET").arg(format!("k{i}")).arg(pattern(i, 40_000))
-            .query(&mut c).expect("never an error");
+        let _: () = redis::cmd("UTMEM.SET")
+            .arg(format!("k{i}"))
+            .arg(pattern(i, 40_000))
+            .query(&mut c)
+            .expect("never an error");
     }
     for i in 0..5 {
-        let v: Vec<u8> = redis::cmd("UTMEM.GET").arg(format!("k{i}")).query(&mut c).expect("get");
+        let v: Vec<u8> = redis::cmd("UTMEM.GET")
+            .arg(format!("k{i}"))
+            .query(&mut c)
+            .expect("get");
         assert_eq!(v, pattern(i, 40_000));
     }
     assert_eq!(r.info("utmem", "utmem_offloaded_values"), "2");
     assert_eq!(r.info("utmem", "utmem_inline_values"), "3");
-    assert!(r.info("utmem", "utmem_no_space_fallbacks").parse::<u64>().expect("n") >= 3);
+    assert!(
+        r.info("utmem", "utmem_no_space_fallbacks")
+            .parse::<u64>()
+            .expect("n")
+            >= 3
+    );
 }

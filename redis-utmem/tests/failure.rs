@@ -1,6 +1,8 @@
 //! The host dies or hangs: Redis stays up and responsive, replies follow the
 //! failure rules, and no acknowledged value whose pool survived is lost.
 
+#![allow(clippy::cast_possible_truncation)] // test data patterns
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -8,6 +10,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use utmem_testkit::{pattern, Daemon, Redis};
+
+/// The last acknowledged version of a key and when its SET replied.
+type LastAck = Option<(u64, Instant)>;
 
 /// A value that says which key and version it is.
 fn value(key: u64, version: u64) -> Vec<u8> {
@@ -26,11 +31,21 @@ fn parse(v: &[u8]) -> Option<(u64, u64)> {
 #[test]
 fn host_killed_mid_load_then_restarted() {
     let mut d = Daemon::start(&[]);
-    let mut r = Redis::start(&["transport", &d.spec(), "threshold", "1024", "timeout-ms", "1000"], &[]);
+    let mut r = Redis::start(
+        &[
+            "transport",
+            &d.spec(),
+            "threshold",
+            "1024",
+            "timeout-ms",
+            "1000",
+        ],
+        &[],
+    );
     const KEYS: u64 = 100;
     let stop = Arc::new(AtomicBool::new(false));
     // last acknowledged (version, ack time) per key
-    let acked: Arc<Mutex<Vec<Option<(u64, Instant)>>>> = Arc::new(Mutex::new(vec![None; KEYS as usize]));
+    let acked: Arc<Mutex<Vec<LastAck>>> = Arc::new(Mutex::new(vec![None; KEYS as usize]));
     let writer = {
         let (mut c, stop, acked) = (r.conn(), Arc::clone(&stop), Arc::clone(&acked));
         thread::spawn(move || {
@@ -38,9 +53,14 @@ fn host_killed_mid_load_then_restarted() {
             while !stop.load(Ordering::Relaxed) {
                 version += 1;
                 let k = version % KEYS;
-                let res: redis::RedisResult<String> =
-                    redis::cmd("UTMEM.SET").arg(format!("k{k}")).arg(value(k, version)).query(&mut c);
-                assert_eq!(res.expect("UTMEM.SET never fails with on-host-down local"), "OK");
+                let res: redis::RedisResult<String> = redis::cmd("UTMEM.SET")
+                    .arg(format!("k{k}"))
+                    .arg(value(k, version))
+                    .query(&mut c);
+                assert_eq!(
+                    res.expect("UTMEM.SET never fails with on-host-down local"),
+                    "OK"
+                );
                 acked.lock().expect("lock")[k as usize] = Some((version, Instant::now()));
             }
             version
@@ -53,8 +73,9 @@ fn host_killed_mid_load_then_restarted() {
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 i += 7;
-                let res: redis::RedisResult<Option<Vec<u8>>> =
-                    redis::cmd("UTMEM.GET").arg(format!("k{}", i % KEYS)).query(&mut c);
+                let res: redis::RedisResult<Option<Vec<u8>>> = redis::cmd("UTMEM.GET")
+                    .arg(format!("k{}", i % KEYS))
+                    .query(&mut c);
                 match res {
                     Ok(Some(v)) => {
                         let (k, _) = parse(&v).expect("never wrong data");
@@ -86,7 +107,10 @@ fn host_killed_mid_load_then_restarted() {
     // Values kept in Redis while the host was away reach the new host in the background.
     let t0 = Instant::now();
     while r.info("utmem", "utmem_inline_values") != "0" {
-        assert!(t0.elapsed() < Duration::from_secs(20), "kept values never re-offloaded");
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "kept values never re-offloaded"
+        );
         thread::sleep(Duration::from_millis(100));
     }
     let margin = Duration::from_millis(300);
@@ -99,7 +123,10 @@ fn host_killed_mid_load_then_restarted() {
             Ok(Some(v)) => assert_eq!(parse(&v), Some((k as u64, *version)), "k{k}"),
             Err(e) if e.to_string().contains("UTMEMLOST") => {
                 // Only values that lived in the killed host's memory may be gone.
-                assert!(*at < killed + margin, "k{k} acknowledged after the kill was lost");
+                assert!(
+                    *at < killed + margin,
+                    "k{k} acknowledged after the kill was lost"
+                );
             }
             other => panic!("k{k}: {other:?}"),
         }
@@ -113,25 +140,46 @@ fn host_killed_mid_load_then_restarted() {
 #[test]
 fn redis_answers_others_while_the_host_is_stopped() {
     let d = Daemon::start(&[]);
-    let r = Redis::start(&["transport", &d.spec(), "threshold", "1024", "timeout-ms", "2000"], &[]);
+    let r = Redis::start(
+        &[
+            "transport",
+            &d.spec(),
+            "threshold",
+            "1024",
+            "timeout-ms",
+            "2000",
+        ],
+        &[],
+    );
     let mut c = r.conn();
     let big = pattern(3, 50_000);
-    let _: () = redis::cmd("UTMEM.SET").arg("big").arg(&big).query(&mut c).expect("set");
-    let _: () = redis::cmd("SET").arg("plain").arg("hello").query(&mut c).expect("set");
+    let _: () = redis::cmd("UTMEM.SET")
+        .arg("big")
+        .arg(&big)
+        .query(&mut c)
+        .expect("set");
+    let _: () = redis::cmd("SET")
+        .arg("plain")
+        .arg("hello")
+        .query(&mut c)
+        .expect("set");
     d.signal(Signal::SIGSTOP);
     let waiters: Vec<_> = (0..4)
         .map(|_| {
             let mut c = r.conn();
             thread::spawn(move || {
                 let t0 = Instant::now();
-                let res: redis::RedisResult<Vec<u8>> = redis::cmd("UTMEM.GET").arg("big").query(&mut c);
+                let res: redis::RedisResult<Vec<u8>> =
+                    redis::cmd("UTMEM.GET").arg("big").query(&mut c);
                 (res, t0.elapsed())
             })
         })
         .collect();
     thread::sleep(Duration::from_millis(200));
     for _ in 0..20 {
-        let _: String = redis::cmd("PING").query(&mut c).expect("PING while the host is stuck");
+        let _: String = redis::cmd("PING")
+            .query(&mut c)
+            .expect("PING while the host is stuck");
         let v: String = redis::cmd("GET").arg("plain").query(&mut c).expect("GET");
         assert_eq!(v, "hello");
     }
@@ -150,7 +198,10 @@ fn redis_answers_others_while_the_host_is_stopped() {
                 break;
             }
             Err(e) => {
-                assert!(t0.elapsed() < Duration::from_secs(10), "never recovered: {e}");
+                assert!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "never recovered: {e}"
+                );
                 thread::sleep(Duration::from_millis(100));
             }
         }

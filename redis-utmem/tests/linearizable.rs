@@ -2,6 +2,8 @@
 //! checked against a register model: no read returns a value older than the last
 //! write acknowledged before the read began, nor one written after it ended.
 
+#![allow(clippy::cast_possible_truncation)] // test data patterns
+
 use std::collections::HashMap;
 use std::thread;
 use std::time::Instant;
@@ -24,7 +26,11 @@ struct Op {
 
 /// Values are large or small (both paths), and say which write they are.
 fn value(id: u64) -> Vec<u8> {
-    let len = if id % 3 == 0 { 100 } else { 3000 + (id % 5000) as usize };
+    let len = if id.is_multiple_of(3) {
+        100
+    } else {
+        3000 + (id % 5000) as usize
+    };
     let mut v = id.to_le_bytes().to_vec();
     v.extend(pattern(id, len));
     v
@@ -55,21 +61,35 @@ fn every_read_is_linearizable() {
                     let start = Instant::now();
                     let id = if write {
                         let id = (client + 1) * 1_000_000 + n + 1;
-                        let _: () = redis::cmd("UTMEM.SET").arg(format!("r{key}")).arg(value(id))
-                            .query(&mut c).expect("set");
+                        let _: () = redis::cmd("UTMEM.SET")
+                            .arg(format!("r{key}"))
+                            .arg(value(id))
+                            .query(&mut c)
+                            .expect("set");
                         id
                     } else {
-                        let v: Option<Vec<u8>> =
-                            redis::cmd("UTMEM.GET").arg(format!("r{key}")).query(&mut c).expect("get");
+                        let v: Option<Vec<u8>> = redis::cmd("UTMEM.GET")
+                            .arg(format!("r{key}"))
+                            .query(&mut c)
+                            .expect("get");
                         v.map_or(0, |v| id_of(&v))
                     };
-                    ops.push(Op { key, write, id, start, end: Instant::now() });
+                    ops.push(Op {
+                        key,
+                        write,
+                        id,
+                        start,
+                        end: Instant::now(),
+                    });
                 }
                 ops
             })
         })
         .collect();
-    let ops: Vec<Op> = workers.into_iter().flat_map(|w| w.join().expect("client")).collect();
+    let ops: Vec<Op> = workers
+        .into_iter()
+        .flat_map(|w| w.join().expect("client"))
+        .collect();
     let mut checked = 0;
     for key in 0..KEYS {
         let mut writes: Vec<&Op> = ops.iter().filter(|o| o.key == key && o.write).collect();
@@ -90,7 +110,10 @@ fn every_read_is_linearizable() {
                 continue;
             }
             let w = by_id.get(&r.id).expect("read a value some write wrote");
-            assert!(w.start < r.end, "key {key}: read a value written after the read ended");
+            assert!(
+                w.start < r.end,
+                "key {key}: read a value written after the read ended"
+            );
             // Stale: a whole later write fits between this write and the read.
             if done_before > 0 {
                 assert!(

@@ -375,7 +375,12 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn redis-server");
-        let mut r = Redis { child, port, dir, args };
+        let mut r = Redis {
+            child,
+            port,
+            dir,
+            args,
+        };
         r.wait_ready();
         r
     }
@@ -391,7 +396,11 @@ impl Redis {
             if let Ok(Some(st)) = self.child.try_wait() {
                 panic!("redis-server exited ({st}): {}", self.log());
             }
-            assert!(t0.elapsed() < Duration::from_secs(20), "redis never came up: {}", self.log());
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "redis never came up: {}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -404,7 +413,8 @@ impl Redis {
     /// A new connection (60 s read timeout so a hang fails the test instead of CI).
     pub fn conn(&self) -> redis::Connection {
         let c = self.try_conn().expect("connect to redis");
-        c.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+        c.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
         c
     }
 
