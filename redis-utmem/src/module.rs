@@ -42,6 +42,48 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         }
         p.clone()
     };
+    for (name, arity, summary) in [
+        (
+            "utmem.set",
+            -3,
+            c"Set a value, offloading it to the utmem host",
+        ),
+        (
+            "utmem.get",
+            2,
+            c"Get a value, from the utmem host if offloaded",
+        ),
+        ("utmem.mget", -2, c"Get several values"),
+        ("utmem.mset", -3, c"Set several values"),
+        ("utmem.getdel", 2, c"Get a value and delete its key"),
+        (
+            "utmem.strlen",
+            2,
+            c"Length of a value, without a host round trip",
+        ),
+        (
+            "utmem.offload",
+            2,
+            c"Turn a plain string into a utmem value",
+        ),
+        (
+            "utmem.recall",
+            2,
+            c"Turn a utmem value back into a plain string",
+        ),
+        (
+            "utmem.recallall",
+            1,
+            c"Recall every utmem value, in the background",
+        ),
+        ("utmem.stats", 1, c"The module's counters"),
+    ] {
+        if !raw::set_command_info(ctx, name, arity, summary) {
+            ctx.log_notice(&format!(
+                "utmem: this server cannot take command info for {name}"
+            ));
+        }
+    }
     let _ = PARENT_PID.set(std::process::id());
     raw::handle_io_errors(ctx);
     raw::on_fork_child(ctx, on_fork);

@@ -371,3 +371,46 @@ pub fn select_db(ctx: &Context, db: i32) -> bool {
     // SAFETY: `ctx` is live and the GIL is held by the caller.
     unsafe { raw::RedisModule_SelectDb.expect("api")(ctx.ctx, db) == 0 } // REDISMODULE_OK
 }
+
+static COMMAND_INFO_VERSION: raw::RedisModuleCommandInfoVersion =
+    raw::RedisModuleCommandInfoVersion {
+        version: 1,
+        sizeof_historyentry: std::mem::size_of::<raw::RedisModuleCommandHistoryEntry>(),
+        sizeof_keyspec: std::mem::size_of::<raw::RedisModuleCommandKeySpec>(),
+        sizeof_arg: std::mem::size_of::<raw::RedisModuleCommandArg>(),
+    };
+
+/// Declares a command's arity and summary (COMMAND INFO/DOCS; Redis then checks the
+/// arity itself). Key positions were declared when the command was created.
+pub fn set_command_info(
+    ctx: &Context,
+    name: &str,
+    arity: i32,
+    summary: &'static std::ffi::CStr,
+) -> bool {
+    let Ok(cname) = CString::new(name) else {
+        return false;
+    };
+    // SAFETY: the API table is written once by RedisModule_Init, before OnLoad code runs.
+    let api = unsafe { (raw::RedisModule_GetCommand, raw::RedisModule_SetCommandInfo) };
+    let (Some(get), Some(set)) = api else {
+        return false;
+    };
+    let info = raw::RedisModuleCommandInfo {
+        version: &COMMAND_INFO_VERSION,
+        summary: summary.as_ptr(),
+        complexity: ptr::null(),
+        since: ptr::null(),
+        history: ptr::null_mut(),
+        tips: ptr::null(),
+        arity,
+        key_specs: ptr::null_mut(),
+        args: ptr::null_mut(),
+    };
+    // SAFETY: OnLoad context; the command was registered by this module; Redis copies
+    // what it keeps of `info` (the summary is 'static anyway).
+    unsafe {
+        let cmd = get(ctx.ctx, cname.as_ptr());
+        !cmd.is_null() && set(cmd, &info) == 0
+    }
+}

@@ -482,3 +482,47 @@ fn no_space_keeps_values_in_redis() {
             >= 3
     );
 }
+
+#[test]
+fn multi_exec_and_lua_wait_synchronously() {
+    let (d, r) = start();
+    let mut c = r.conn();
+    let big = pattern(9, 30_000);
+    let (ok, got): (String, Vec<u8>) = redis::pipe()
+        .atomic()
+        .cmd("UTMEM.SET")
+        .arg("m")
+        .arg(&big)
+        .cmd("UTMEM.GET")
+        .arg("m")
+        .query(&mut c)
+        .expect("MULTI/EXEC");
+    assert_eq!((ok.as_str(), &got), ("OK", &big));
+    // Once it is on the host, reads inside MULTI and Lua fetch it synchronously.
+    assert_eq!(d.wait_pool_values(&pool(&r), 1).0, 1);
+    let (got, len): (Vec<u8>, i64) = redis::pipe()
+        .atomic()
+        .cmd("UTMEM.GET")
+        .arg("m")
+        .cmd("UTMEM.STRLEN")
+        .arg("m")
+        .query(&mut c)
+        .expect("MULTI/EXEC");
+    assert_eq!((got, len), (big.clone(), 30_000));
+    let got: Vec<u8> = redis::cmd("EVAL")
+        .arg("return redis.call('UTMEM.GET', KEYS[1])")
+        .arg(1)
+        .arg("m")
+        .query(&mut c)
+        .expect("EVAL");
+    assert_eq!(got, big);
+    let ok: String = redis::cmd("EVAL")
+        .arg("return redis.call('UTMEM.SET', KEYS[1], ARGV[1])")
+        .arg(1)
+        .arg("lua")
+        .arg(&big)
+        .query(&mut c)
+        .expect("EVAL SET");
+    assert_eq!(ok, "OK");
+    assert_eq!(d.wait_pool_values(&pool(&r), 2).0, 2);
+}
