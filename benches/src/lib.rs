@@ -1,6 +1,11 @@
-//! Shared fixtures of utmem's benchmarks: an in-process utmem-hostd (the real
-//! listener and session code on a temp Unix socket) and a raw Unix-socket echo
+//! utmem's benchmarks: `utmem-bench` (the comparisons against plain Redis) and the
+//! fixtures of the criterion benches in `benches/`: an in-process utmem-hostd (the
+//! real listener and session code on a temp Unix socket) and a raw Unix-socket echo
 //! server, the floor a utmem round trip is compared with.
+
+pub mod compare;
+pub mod load;
+pub mod report;
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};

@@ -19,19 +19,25 @@ pub fn hostd_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("UTMEM_HOSTD") {
         return PathBuf::from(p);
     }
-    // Test executables live in target/<profile>/deps/.
-    let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>");
-    let bin = profile_dir.join("utmem-hostd");
+    let bin = sibling("utmem-hostd");
     assert!(
         bin.exists(),
         "{} is missing: build it first (cargo build -p utmem-host), or set UTMEM_HOSTD",
         bin.display()
     );
     bin
+}
+
+/// `name` in target/<profile>/, seen from a test (target/<profile>/deps/) or a binary
+/// (target/<profile>/) of this build.
+fn sibling(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().expect("exe dir");
+    if dir.ends_with("deps") {
+        dir.parent().expect("target/<profile>").join(name)
+    } else {
+        dir.join(name)
+    }
 }
 
 /// A running utmem-hostd; killed (and its stderr kept) when dropped.
@@ -308,12 +314,7 @@ pub fn module_path() -> PathBuf {
     if let Some(p) = std::env::var_os("UTMEM_MODULE") {
         return PathBuf::from(p);
     }
-    let exe = std::env::current_exe().expect("current_exe");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>")
-        .join("libredis_utmem.so");
+    let bin = sibling("libredis_utmem.so");
     assert!(
         bin.exists(),
         "{} is missing: build it first (cargo build -p redis-utmem), or set UTMEM_MODULE",

@@ -1,0 +1,87 @@
+//! `utmem-bench`: is utmem worth it? Plain Redis against Redis with utmem.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use utmem_benches::{compare, report};
+
+/// Compare plain Redis with Redis + utmem on this machine.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// SET/GET against UTMEM.SET/UTMEM.GET for 1 KiB .. 1 MiB values, 50 clients; starts
+    /// its own utmem-hostd and redis-server and cleans up (also on Ctrl-C).
+    Compare {
+        /// One round, fewer requests: under a minute.
+        #[arg(long)]
+        quick: bool,
+        /// Where to write the JSON and the SVG chart.
+        #[arg(long, default_value = "target/utmem-bench")]
+        out: PathBuf,
+        /// Value sizes to run (bytes); default 1K 4K 16K 64K 256K 1M.
+        #[arg(long, value_delimiter = ',')]
+        sizes: Vec<usize>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        if let Err(e) = signal_hook::flag::register(sig, Arc::clone(&stop)) {
+            eprintln!("utmem-bench: cannot install a signal handler: {e}");
+        }
+    }
+    let stopped = || stop.load(Ordering::Relaxed);
+    match cli.command {
+        Command::Compare { quick, out, sizes } => {
+            let mut s = compare::Settings::new(quick);
+            if !sizes.is_empty() {
+                s.sizes = sizes;
+            }
+            match compare::run(&s, &stopped) {
+                Ok(r) => {
+                    let md = report::markdown(&r);
+                    println!("{md}");
+                    if let Err(e) = std::fs::create_dir_all(&out) {
+                        eprintln!("utmem-bench: cannot create {}: {e}", out.display());
+                        return ExitCode::from(1);
+                    }
+                    let json = out.join("compare.json");
+                    let svg = out.join("compare.svg");
+                    let written = serde_json::to_string_pretty(&r)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|j| std::fs::write(&json, j).map_err(anyhow::Error::from))
+                        .and_then(|()| report::svg(&r, &svg));
+                    match written {
+                        Ok(()) => {
+                            eprintln!(
+                                "utmem-bench: wrote {} and {}",
+                                json.display(),
+                                svg.display()
+                            );
+                            ExitCode::SUCCESS
+                        }
+                        Err(e) => {
+                            eprintln!("utmem-bench: {e}");
+                            ExitCode::from(1)
+                        }
+                    }
+                }
+                Err(e) => {
+                    eprintln!("utmem-bench: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
