@@ -69,7 +69,6 @@ pub struct Shared {
     /// The transport spec.
     pub spec: String,
     tx: Mutex<Sender<Job>>,
-    parent_pid: u32,
     next_oid: std::sync::atomic::AtomicU64,
     /// Bytes of PUTs submitted and not yet answered.
     inflight_bytes: AtomicI64,
@@ -86,7 +85,7 @@ pub fn shared() -> Option<&'static Shared> {
 }
 
 fn in_parent() -> bool {
-    shared().is_some_and(|s| s.parent_pid == std::process::id())
+    !crate::raw::in_fork_child()
 }
 
 /// Starts the I/O thread and connects (a host that is down now is retried later).
@@ -115,7 +114,6 @@ pub fn start(spec: &str, pool_name: &str, timeout: Duration) -> Result<&'static 
         pool_name: pool_name.to_owned(),
         spec: spec.to_owned(),
         tx: Mutex::new(tx),
-        parent_pid: std::process::id(),
         // Fresh object ids across restarts too, even if the pool could not be emptied.
         next_oid: std::sync::atomic::AtomicU64::new(now_us),
         inflight_bytes: AtomicI64::new(0),
@@ -168,10 +166,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// parent's client has no threads behind it.
 fn client_here() -> Option<(Client, Pool)> {
     let s = shared()?;
-    let pid = std::process::id();
-    if pid == s.parent_pid {
+    if in_parent() {
         return Some((s.client.clone(), s.pool));
     }
+    let pid = std::process::id();
     let mut child = lock(&CHILD);
     if let Some((p, c, pool)) = child.as_ref() {
         if *p == pid {

@@ -37,13 +37,8 @@ pub fn stats() -> &'static Stats {
 
 /// True in the Redis process itself, false in its fork children.
 pub fn is_parent() -> bool {
-    io::shared().is_none_or(|_| {
-        // `fetch_sync` and friends decide per process; this is the same test.
-        PARENT_PID.get().is_none_or(|p| *p == std::process::id())
-    })
+    !raw::in_fork_child()
 }
-
-pub(crate) static PARENT_PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
 
 /// Logs a warning to the Redis log.
 pub fn log_warning(msg: &str) {

@@ -8,7 +8,7 @@ use crate::config::{self, OnHostDown};
 use crate::datatype::UTMEM_TYPE;
 use redis_module::{Context, RedisString, RedisValue, Status};
 
-use crate::{commands, io, raw, PARENT_PID};
+use crate::{commands, io, raw};
 
 fn port(ctx: &Context) -> String {
     match ctx.call("CONFIG", &["GET", "port"][..]) {
@@ -84,7 +84,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
             ));
         }
     }
-    let _ = PARENT_PID.set(std::process::id());
+    raw::track_forks();
     raw::handle_io_errors(ctx);
     raw::on_fork_child(ctx, on_fork);
     match io::start(&spec, &pool, config::timeout()) {

@@ -414,3 +414,24 @@ pub fn set_command_info(
         !cmd.is_null() && set(cmd, &info) == 0
     }
 }
+
+static IN_FORK_CHILD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn mark_fork_child() {
+    IN_FORK_CHILD.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Arranges for [`in_fork_child`] to turn true in every forked child (getpid is a
+/// syscall on every call with today's glibc; this is a load).
+pub fn track_forks() {
+    // SAFETY: registers a handler that only stores to an atomic, which is
+    // async-signal-safe as a fork handler must be.
+    unsafe {
+        libc::pthread_atfork(None, None, Some(mark_fork_child));
+    }
+}
+
+/// True in a process forked from Redis (BGSAVE, AOF rewrite, full sync child).
+pub fn in_fork_child() -> bool {
+    IN_FORK_CHILD.load(std::sync::atomic::Ordering::Relaxed)
+}

@@ -699,12 +699,15 @@ impl Inner {
         let tick =
             (self.opts.timeout / 10).clamp(Duration::from_millis(1), Duration::from_millis(100));
         let mut next_scan = Instant::now() + tick;
+        if let Err(e) = stream.set_read_timeout(Some(tick)) {
+            tracing::warn!("cannot set the reader's tick: {e}");
+        }
         let err = loop {
             if Instant::now() >= next_scan {
                 self.expire();
                 next_scan = Instant::now() + tick;
             }
-            match read_reply(&stream, &mut rbuf, &limits, tick) {
+            match read_reply(&stream, &mut rbuf, &limits) {
                 Ok(Some((h, payload))) => self.complete(h, payload),
                 Ok(None) => {}
                 Err(e) => break e,
@@ -794,15 +797,22 @@ fn read_reply(
     stream: &Stream,
     rbuf: &mut BytesMut,
     limits: &Limits,
-    tick: Duration,
 ) -> Result<Option<(ReplyHeader, Bytes)>, ReadError> {
     let fd = stream.as_fd();
+    // The socket has a receive timeout of one tick: a read that times out means
+    // "nothing yet" while waiting for a header, and "keep going" inside a frame.
+    let timed_out = |e: &io::Error| {
+        matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        )
+    };
     while rbuf.len() < REPLY_HEADER_LEN {
-        if !readable(stream, tick).map_err(ReadError::Io)? {
-            return Ok(None);
-        }
-        if sys::read_spare(fd, rbuf, READ_CHUNK).map_err(ReadError::Io)? == 0 {
-            return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into()));
+        match sys::read_spare(fd, rbuf, READ_CHUNK) {
+            Ok(0) => return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into())),
+            Ok(_) => {}
+            Err(e) if timed_out(&e) => return Ok(None),
+            Err(e) => return Err(ReadError::Io(e)),
         }
     }
     let mut hb = [0u8; REPLY_HEADER_LEN];
@@ -817,15 +827,21 @@ fn read_reply(
         rbuf.advance(have);
         while v.len() < len {
             let want = len - v.len();
-            if sys::read_spare(fd, &mut v, want).map_err(ReadError::Io)? == 0 {
-                return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into()));
+            match sys::read_spare(fd, &mut v, want) {
+                Ok(0) => return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into())),
+                Ok(_) => {}
+                Err(e) if timed_out(&e) => {}
+                Err(e) => return Err(ReadError::Io(e)),
             }
         }
         v.freeze()
     } else {
         while rbuf.len() < len {
-            if sys::read_spare(fd, rbuf, READ_CHUNK).map_err(ReadError::Io)? == 0 {
-                return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into()));
+            match sys::read_spare(fd, rbuf, READ_CHUNK) {
+                Ok(0) => return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into())),
+                Ok(_) => {}
+                Err(e) if timed_out(&e) => {}
+                Err(e) => return Err(ReadError::Io(e)),
             }
         }
         let p = Bytes::copy_from_slice(&rbuf[..len]);
@@ -833,17 +849,6 @@ fn read_reply(
         p
     };
     Ok(Some((h, payload)))
-}
-
-fn readable(stream: &Stream, tick: Duration) -> io::Result<bool> {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
-    let ms = u16::try_from(tick.as_millis()).unwrap_or(u16::MAX);
-    match poll(&mut fds, PollTimeout::from(ms)) {
-        Ok(n) => Ok(n > 0),
-        Err(nix::errno::Errno::EINTR) => Ok(false),
-        Err(e) => Err(e.into()),
-    }
 }
 
 /// One request and its reply on a socket nobody else reads yet (the handshake).
