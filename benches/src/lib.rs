@@ -5,6 +5,7 @@
 
 pub mod compare;
 pub mod load;
+pub mod pressure;
 pub mod report;
 
 use std::io::{Read, Write};

@@ -31,6 +31,20 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         sizes: Vec<usize>,
     },
+    /// The memory-pressure experiment (the utmem paper's Fig. 5): Redis in a memory
+    /// cgroup with swap, datasets of 0.5x, 1.0x and 1.5x its limit. Needs root to set up
+    /// the cgroup and a swap file; removes them afterwards.
+    Pressure {
+        /// The cgroup's memory limit L, in MiB.
+        #[arg(long, default_value_t = 256)]
+        limit_mib: u64,
+        /// Requests per run.
+        #[arg(long, default_value_t = 20_000)]
+        requests: u64,
+        /// Where to write the JSON (and the swap file while it runs).
+        #[arg(long, default_value = "target/utmem-bench")]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -43,6 +57,39 @@ fn main() -> ExitCode {
     }
     let stopped = || stop.load(Ordering::Relaxed);
     match cli.command {
+        Command::Pressure {
+            limit_mib,
+            requests,
+            out,
+        } => {
+            let s = utmem_benches::pressure::Settings {
+                limit: limit_mib << 20,
+                factors: vec![0.5, 1.0, 1.5],
+                value: 16 << 10,
+                requests,
+                clients: 50,
+                swap_dir: out.clone(),
+            };
+            match utmem_benches::pressure::run(&s, &stopped) {
+                Ok(r) => {
+                    println!("{}", utmem_benches::pressure::markdown(&r));
+                    let json = out.join("pressure.json");
+                    if let Err(e) = serde_json::to_string_pretty(&r)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|j| std::fs::write(&json, j).map_err(anyhow::Error::from))
+                    {
+                        eprintln!("utmem-bench: {e}");
+                        return ExitCode::from(1);
+                    }
+                    eprintln!("utmem-bench: wrote {}", json.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("utmem-bench: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Compare { quick, out, sizes } => {
             let mut s = compare::Settings::new(quick);
             if !sizes.is_empty() {
