@@ -162,7 +162,9 @@ fn store(key: &Key, value: &RedisString) -> Option<Arc<Slot>> {
         Stats::bump(&crate::stats().inline_sets);
         return None;
     }
-    let slot = Slot::pending(io::next_oid(), Bytes::copy_from_slice(bytes));
+    // No copy: the PUT is written from Redis's own argument string.
+    let held = Bytes::from_owner(crate::raw::HeldArg::hold(value));
+    let slot = Slot::pending(io::next_oid(), held);
     key.set_stub(Stub(Arc::clone(&slot)));
     Some(slot)
 }
@@ -182,6 +184,7 @@ fn check_host_for(len: usize) -> Result<(), RedisError> {
 
 /// UTMEM.SET key value [NX|XX] [GET] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL]
 pub fn set(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    crate::raw::release_held();
     if args.len() < 3 {
         return Err(arity("utmem.set"));
     }
@@ -289,6 +292,7 @@ pub fn mget(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
 
 /// UTMEM.MSET key value [key value ...]
 pub fn mset(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    crate::raw::release_held();
     if args.len() < 3 || args.len().is_multiple_of(2) {
         return Err(arity("utmem.mset"));
     }

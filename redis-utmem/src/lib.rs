@@ -75,6 +75,13 @@ pub fn info_fields() -> Vec<(&'static str, String)> {
     ]
 }
 
+#[redis_module_macros::cron_event_handler]
+fn cron(_ctx: &redis_module::Context, _hz: u64) {
+    // Argument strings whose values reached the host go back to Redis here too, so
+    // they are freed even when no UTMEM.SET comes along.
+    raw::release_held();
+}
+
 #[redis_module_macros::info_command_handler]
 fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
     raw::info_section(ctx, &info_fields());

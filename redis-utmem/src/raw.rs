@@ -435,3 +435,77 @@ pub fn track_forks() {
 pub fn in_fork_child() -> bool {
     IN_FORK_CHILD.load(std::sync::atomic::Ordering::Relaxed)
 }
+
+/// A command argument kept alive after its command, so a value can go to the host
+/// straight from Redis's own memory instead of being copied on the main thread.
+///
+/// Redis strings are reference-counted without atomics, so the reference is taken
+/// on the main thread and given back there too: dropping a `HeldArg` on any thread
+/// only queues it, and [`release_held`] (main thread) frees what was queued.
+#[derive(Debug)]
+pub struct HeldArg {
+    s: *mut RedisModuleString,
+    data: *const u8,
+    len: usize,
+}
+
+// SAFETY: the string's bytes are immutable while we hold a reference, so reading them
+// from any thread is fine; the reference count is only touched on the main thread
+// (`hold` and `release_held`).
+unsafe impl Send for HeldArg {}
+// SAFETY: as above; shared access only reads the immutable bytes.
+unsafe impl Sync for HeldArg {}
+
+static HELD_RELEASES: std::sync::Mutex<Vec<usize>> = std::sync::Mutex::new(Vec::new());
+
+impl HeldArg {
+    /// Takes a reference to `s`. Main thread only.
+    pub fn hold(s: &RedisString) -> HeldArg {
+        let mut len = 0usize;
+        // SAFETY: `s` is a live argument string on the main thread; RetainString with a
+        // NULL context increments its reference count; StringPtrLen returns its bytes,
+        // which stay put and unchanged while the reference is held.
+        unsafe {
+            raw::RedisModule_RetainString.expect("api")(ptr::null_mut(), s.inner);
+            let data = raw::RedisModule_StringPtrLen.expect("api")(s.inner, &mut len);
+            HeldArg {
+                s: s.inner,
+                data: data.cast::<u8>(),
+                len,
+            }
+        }
+    }
+}
+
+impl AsRef<[u8]> for HeldArg {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `data`/`len` describe the held string's bytes, alive and immutable
+        // until the reference is released (after this value is gone).
+        unsafe { std::slice::from_raw_parts(self.data, self.len) }
+    }
+}
+
+impl Drop for HeldArg {
+    fn drop(&mut self) {
+        HELD_RELEASES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(self.s as usize);
+    }
+}
+
+/// Gives back the references of dropped [`HeldArg`]s. Main thread only.
+pub fn release_held() {
+    let queued = std::mem::take(
+        &mut *HELD_RELEASES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    for p in queued {
+        // SAFETY: each pointer was retained once by `HeldArg::hold` and is released once
+        // here, on the main thread.
+        unsafe {
+            raw::RedisModule_FreeString.expect("api")(ptr::null_mut(), p as *mut RedisModuleString)
+        };
+    }
+}

@@ -31,6 +31,8 @@ fn fill(r: &Redis, cmd: &str) -> i64 {
     while r.info("utmem", "utmem_pending") != "0" && t0.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(50));
     }
+    // At rest: the module gives argument strings back to Redis from its cron (10 Hz).
+    std::thread::sleep(Duration::from_millis(300));
     used(r) - base
 }
 
