@@ -135,9 +135,8 @@ impl Swap {
         run("fallocate", &["-l", "2G", &p])?;
         run("chmod", &["600", &p])?;
         run("mkswap", &[&p])?;
-        run("swapon", &[&p]).map_err(|e| {
+        run("swapon", &[&p]).inspect_err(|_| {
             let _ = std::fs::remove_file(&f);
-            e
         })?;
         Ok(Swap(f))
     }
@@ -226,6 +225,8 @@ pub fn run(s: &Settings, stop: &dyn Fn() -> bool) -> anyhow::Result<Report> {
     let daemon = Daemon::start(&["--capacity=8G"]);
     let mut rows = Vec::new();
     for &factor in &s.factors {
+        // factor is a small positive multiple, so this fits.
+        #[allow(clippy::cast_possible_truncation)]
         let values = ((s.limit as f64 * factor) / s.value as f64) as u64;
         let mut cells = Vec::new();
         for (kind, cmds) in [
