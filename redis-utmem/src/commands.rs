@@ -88,6 +88,16 @@ fn fetch_into(g: &Gather, i: usize, slot: Arc<Slot>, crc: u32) {
     });
 }
 
+/// Replies with one value, fetching it from the host first if it lives there.
+fn reply_one(ctx: &Context, have: Have) -> RedisResult {
+    let (p, fetch) = part(have);
+    let pending = Gather::start(ctx, vec![p], |mut v| v.remove(0));
+    if let Some((slot, crc)) = fetch {
+        fetch_into(&pending.gather(), 0, slot, crc);
+    }
+    pending.reply(ctx, config::timeout(), Val::Null)
+}
+
 fn put_into(g: &Gather, i: usize, slot: Arc<Slot>) {
     let g = g.clone();
     io::send(Job::Put {
@@ -198,12 +208,7 @@ pub fn set(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let old = if o.get { Some(look(&key)) } else { None };
     let exists = kind != KeyKind::Empty;
     if (o.nx && exists) || (o.xx && !exists) {
-        let (p, fetch) = part(old.unwrap_or(Have::Missing));
-        let pending = Gather::start(ctx, vec![p], |mut v| v.remove(0));
-        if let Some((slot, crc)) = fetch {
-            fetch_into(&pending.gather(), 0, slot, crc);
-        }
-        return pending.reply(ctx, config::timeout(), Val::Null);
+        return reply_one(ctx, old.unwrap_or(Have::Missing));
     }
     check_host_for(value.len())?;
     let keep = if o.keepttl { key.ttl_ms() } else { None };
@@ -260,12 +265,7 @@ pub fn get(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     if let Have::WrongType = have {
         return Err(RedisError::WrongType);
     }
-    let (p, fetch) = part(have);
-    let pending = Gather::start(ctx, vec![p], |mut v| v.remove(0));
-    if let Some((slot, crc)) = fetch {
-        fetch_into(&pending.gather(), 0, slot, crc);
-    }
-    pending.reply(ctx, config::timeout(), Val::Null)
+    reply_one(ctx, have)
 }
 
 /// UTMEM.MGET key [key ...]
@@ -340,12 +340,7 @@ pub fn getdel(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         }
     }
     drop(key);
-    let (p, fetch) = part(have);
-    let pending = Gather::start(ctx, vec![p], |mut v| v.remove(0));
-    if let Some((slot, crc)) = fetch {
-        fetch_into(&pending.gather(), 0, slot, crc);
-    }
-    pending.reply(ctx, config::timeout(), Val::Null)
+    reply_one(ctx, have)
 }
 
 /// UTMEM.STRLEN key: no host round trip.

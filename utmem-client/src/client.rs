@@ -246,16 +246,16 @@ impl Client {
         // Connected: open it now, with ordinary requests on the live connection.
         let open = |flags, payload: Vec<u8>| -> Result<(Option<u64>, PoolId), ClientError> {
             let (tx, rx) = mpsc::sync_channel(1);
-            let gen = inner.send(
-                Op::NewPool,
+            let gen = inner.send_many(vec![Item {
+                op: Op::NewPool,
                 flags,
-                None,
-                Key::default(),
-                Bytes::from(payload),
-                Box::new(move |r| {
+                pool: None,
+                key: Key::default(),
+                payload: Bytes::from(payload),
+                done: Box::new(move |r| {
                     let _ = tx.send(r);
                 }),
-            );
+            }]);
             match self.wait(rx)? {
                 Response::Value(b) if b.len() == 4 => {
                     Ok((gen, PoolId(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))))
@@ -435,27 +435,6 @@ impl Inner {
             target: self.transport.describe(),
             reason: reason.into(),
         }
-    }
-
-    /// Queues a frame and writes if nobody else is writing. Returns the connection
-    /// generation it went out on, or `None` if it failed before being sent.
-    fn send(
-        self: &Arc<Self>,
-        op: Op,
-        flags: u16,
-        pool: Option<Pool>,
-        key: Key,
-        payload: Bytes,
-        done: Completion,
-    ) -> Option<u64> {
-        self.send_many(vec![Item {
-            op,
-            flags,
-            pool,
-            key,
-            payload,
-            done,
-        }])
     }
 
     /// Queues frames (under one lock, so they leave in one writev) and writes if
