@@ -180,8 +180,13 @@ fn store(key: &Key, value: &RedisString) -> Option<Arc<Slot>> {
 }
 
 /// With `on-host-down error`, refuse values that would go to an unreachable host.
-fn check_host_for(len: usize) -> Result<(), RedisError> {
-    if len < config::threshold() || !config::error_when_down() || io::connected() {
+/// Never for commands from a master or the AOF: those must apply, and stay local.
+fn check_host_for(ctx: &Context, len: usize) -> Result<(), RedisError> {
+    if len < config::threshold()
+        || !config::error_when_down()
+        || io::connected()
+        || crate::gather::mode(ctx) == crate::gather::Mode::Detached
+    {
         return Ok(());
     }
     // Not connected: one attempt (a refused connect fails at once).
@@ -210,7 +215,7 @@ pub fn set(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     if (o.nx && exists) || (o.xx && !exists) {
         return reply_one(ctx, old.unwrap_or(Have::Missing));
     }
-    check_host_for(value.len())?;
+    check_host_for(ctx, value.len())?;
     let keep = if o.keepttl { key.ttl_ms() } else { None };
     let slot = store(&key, value);
     let mut repl: Vec<RedisString> = vec![name.clone(), value.clone()];
@@ -299,7 +304,7 @@ pub fn mset(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let pairs: Vec<(&RedisString, &RedisString)> =
         args[1..].chunks(2).map(|c| (&c[0], &c[1])).collect();
     for (_, v) in &pairs {
-        check_host_for(v.len())?;
+        check_host_for(ctx, v.len())?;
     }
     let mut slots = Vec::new();
     for (name, value) in &pairs {
@@ -372,7 +377,7 @@ pub fn offload(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         KeyKind::String => {}
     }
     let bytes = key.string().unwrap_or_default();
-    check_host_for(usize::MAX)?;
+    check_host_for(ctx, usize::MAX)?;
     let ttl = key.ttl_ms();
     let slot = Slot::pending(io::next_oid(), bytes);
     key.set_stub(Stub(Arc::clone(&slot)));
