@@ -526,3 +526,55 @@ fn multi_exec_and_lua_wait_synchronously() {
     assert_eq!(ok, "OK");
     assert_eq!(d.wait_pool_values(&pool(&r), 2).0, 2);
 }
+
+#[test]
+fn max_pending_bytes_caps_puts_in_flight_without_losing_any() {
+    let d = Daemon::start(&[]);
+    let r = Redis::start(
+        &[
+            "transport",
+            &d.spec(),
+            "threshold",
+            "1024",
+            "max-pending-bytes",
+            "100000",
+        ],
+        &[],
+    );
+    let v: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("utmem.max-pending-bytes")
+        .query(&mut r.conn())
+        .expect("get");
+    assert_eq!(v[1], "100000");
+    // 40 writers of 60 KB values: at most one or two PUTs fit under the cap at a time.
+    let writers: Vec<_> = (0..4u64)
+        .map(|t| {
+            let mut c = r.conn();
+            std::thread::spawn(move || {
+                for i in 0..10u64 {
+                    let _: () = redis::cmd("UTMEM.SET")
+                        .arg(format!("w{t}:{i}"))
+                        .arg(pattern(t * 100 + i, 60_000))
+                        .query(&mut c)
+                        .expect("set");
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().expect("writer");
+    }
+    assert_eq!(d.wait_pool_values(&pool(&r), 40).0, 40);
+    let mut c = r.conn();
+    for t in 0..4u64 {
+        for i in 0..10u64 {
+            let v: Vec<u8> = redis::cmd("UTMEM.GET")
+                .arg(format!("w{t}:{i}"))
+                .query(&mut c)
+                .expect("get");
+            assert_eq!(v, pattern(t * 100 + i, 60_000));
+        }
+    }
+    assert_eq!(r.info("utmem", "utmem_pending"), "0");
+}

@@ -126,15 +126,32 @@ fn aof_rewrite_and_restart() {
 
 #[test]
 fn a_replica_gets_the_values_into_its_own_pool() {
+    replica_sync(&[], &[]);
+}
+
+#[test]
+fn a_diskless_replica_load_works_too() {
+    replica_sync(
+        &[
+            "--repl-diskless-sync",
+            "yes",
+            "--repl-diskless-sync-delay",
+            "0",
+        ],
+        &["--repl-diskless-load", "swapdb"],
+    );
+}
+
+fn replica_sync(master_extra: &[&str], replica_extra: &[&str]) {
     let d = Daemon::start(&[]);
     let margs = module_args(&d);
-    let master = Redis::start(&args(&margs), &[]);
+    let master = Redis::start(&args(&margs), master_extra);
     let mut m = master.conn();
     fill(&mut m, 12);
-    let replica = Redis::start(
-        &args(&margs),
-        &["--replicaof", "127.0.0.1", &master.port.to_string()],
-    );
+    let port = master.port.to_string();
+    let mut extra = vec!["--replicaof", "127.0.0.1", &port];
+    extra.extend_from_slice(replica_extra);
+    let replica = Redis::start(&args(&margs), &extra);
     let mut r = replica.conn();
     let t0 = Instant::now();
     while replica.info("replication", "master_link_status") != "up" {
