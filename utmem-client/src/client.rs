@@ -207,17 +207,65 @@ impl Client {
         self.inner().lock().conn.is_some()
     }
 
-    /// Opens (or re-attaches to) a pool. The handle survives reconnects.
+    /// Opens (or re-attaches to) a pool. The handle survives reconnects. A refusal
+    /// (e.g. DENIED for a shared pool that is not granted) is an error and registers
+    /// nothing.
     pub fn open_pool(&self, kind: PoolKind, ephemeral: bool) -> Result<Pool, ClientError> {
-        let pool = self.register_pool(kind, ephemeral, false);
-        if self.inner().lock().pools[pool.0].server.is_some() {
-            return Ok(pool);
+        let req = NewPool { kind, ephemeral };
+        let inner = self.inner();
+        let known = |inner: &Arc<Inner>| {
+            let st = inner.lock();
+            st.pools
+                .iter()
+                .position(|p| p.req == req)
+                .map(|i| (i, st.pools[i].server.is_some()))
+        };
+        if let Some((i, true)) = known(inner) {
+            return Ok(Pool(i));
         }
-        // Not open on the current connection: connecting opens every registered pool.
+        // Connecting (if needed) opens every registered pool.
         self.ping()?;
-        match self.inner().lock().pools[pool.0].server {
-            Some(_) => Ok(pool),
-            None => Err(self.inner().unreachable("the pool could not be opened")),
+        if let Some((i, true)) = known(inner) {
+            return Ok(Pool(i));
+        }
+        let (gen, id) = self.new_pool_now(&req)?;
+        let mut st = inner.lock();
+        if st.conn.as_ref().map(|l| l.gen) != gen {
+            return Err(inner.unreachable("connection lost while opening the pool"));
+        }
+        if let Some(i) = st.pools.iter().position(|p| p.req == req) {
+            st.pools[i].server = Some(id);
+            return Ok(Pool(i));
+        }
+        st.pools.push(PoolSlot {
+            req,
+            server: Some(id),
+            reset: false,
+        });
+        Ok(Pool(st.pools.len() - 1))
+    }
+
+    /// NEW_POOL on the live connection: the connection generation it went out on and the id.
+    fn new_pool_now(&self, req: &NewPool) -> Result<(Option<u64>, PoolId), ClientError> {
+        let (flags, payload) = req.encode();
+        let (tx, rx) = mpsc::sync_channel(1);
+        let gen = self.inner().send_many(vec![Item {
+            op: Op::NewPool,
+            flags,
+            pool: None,
+            key: Key::default(),
+            payload: Bytes::from(payload),
+            done: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        }]);
+        match self.wait(rx)? {
+            Response::Value(b) if b.len() == 4 => {
+                Ok((gen, PoolId(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))))
+            }
+            other => Err(ClientError::Protocol(format!(
+                "NEW_POOL answered {other:?}"
+            ))),
         }
     }
 
@@ -244,29 +292,7 @@ impl Client {
             st.pools.len() - 1
         };
         // Connected: open it now, with ordinary requests on the live connection.
-        let open = |flags, payload: Vec<u8>| -> Result<(Option<u64>, PoolId), ClientError> {
-            let (tx, rx) = mpsc::sync_channel(1);
-            let gen = inner.send_many(vec![Item {
-                op: Op::NewPool,
-                flags,
-                pool: None,
-                key: Key::default(),
-                payload: Bytes::from(payload),
-                done: Box::new(move |r| {
-                    let _ = tx.send(r);
-                }),
-            }]);
-            match self.wait(rx)? {
-                Response::Value(b) if b.len() == 4 => {
-                    Ok((gen, PoolId(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))))
-                }
-                other => Err(ClientError::Protocol(format!(
-                    "NEW_POOL answered {other:?}"
-                ))),
-            }
-        };
-        let (flags, payload) = req.encode();
-        let mut result = open(flags, payload.clone());
+        let mut result = self.new_pool_now(&req);
         if reset {
             if let Ok((gen, id)) = result {
                 let destroyed = {
@@ -276,7 +302,7 @@ impl Client {
                     self.destroy_pool(Pool(i))
                 };
                 result = destroyed
-                    .and_then(|()| open(flags, payload))
+                    .and_then(|()| self.new_pool_now(&req))
                     .map(|(g, id)| (if g == gen { g } else { None }, id));
             }
         }
@@ -646,7 +672,16 @@ impl Inner {
                 }
                 Ok(PoolId(u32::from_le_bytes([p[0], p[1], p[2], p[3]])))
             };
-            let mut id = open()?;
+            let mut id = match open() {
+                Ok(id) => id,
+                // One refused pool (e.g. a grant revoked) must not keep the rest offline.
+                Err(e @ ClientError::Refused { .. }) => {
+                    tracing::warn!("pool {:?} not reopened: {e}", slot.req.kind);
+                    slot.server = None;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if slot.reset {
                 call_sync(&stream, &limits, Op::DestroyPool, 0, id, &[]).map_err(io_err)?;
                 id = open()?;

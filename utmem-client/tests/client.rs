@@ -312,3 +312,25 @@ fn oversized_values_are_refused_before_sending() {
     assert!(matches!(e, ClientError::Invalid(_)), "{e}");
     c.ping().expect("the connection is still fine");
 }
+
+#[test]
+fn a_refused_pool_is_an_error_and_does_not_block_reconnects() {
+    let mut d = Daemon::start(&[]);
+    let c = Client::connect(&spec(&d), Options::default()).expect("connect");
+    let shared = PoolKind::Shared(utmem_client::proto::PoolUuid([7; 16]));
+    assert_eq!(
+        c.open_pool(shared.clone(), false),
+        Err(ClientError::Refused {
+            op: utmem_client::proto::Op::NewPool,
+            status: Status::Denied
+        })
+    );
+    let pool = c.open("mine").expect("pool");
+    d.restart();
+    let t0 = Instant::now();
+    while c.put(pool, Key::new(1, 0), value(1, 10)).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "never reconnected");
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(c.open_pool(shared, false).is_err());
+}
