@@ -68,7 +68,8 @@ pub struct Shared {
     pub pool_name: String,
     /// The transport spec.
     pub spec: String,
-    tx: Mutex<Sender<Job>>,
+    /// `Sender` is `Sync`: every thread sends without a lock of ours.
+    tx: Sender<Job>,
     next_oid: std::sync::atomic::AtomicU64,
     /// Bytes of PUTs submitted and not yet answered.
     inflight_bytes: AtomicI64,
@@ -113,7 +114,7 @@ pub fn start(spec: &str, pool_name: &str, timeout: Duration) -> Result<&'static 
         pool,
         pool_name: pool_name.to_owned(),
         spec: spec.to_owned(),
-        tx: Mutex::new(tx),
+        tx,
         // Fresh object ids across restarts too, even if the pool could not be emptied.
         next_oid: std::sync::atomic::AtomicU64::new(now_us),
         inflight_bytes: AtomicI64::new(0),
@@ -139,10 +140,7 @@ pub fn next_oid() -> u64 {
 pub fn send(job: Job) {
     if let Some(s) = shared() {
         if in_parent() {
-            let _ =
-                s.tx.lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .send(job);
+            let _ = s.tx.send(job);
         }
     }
 }

@@ -435,7 +435,7 @@ fn host_down_local_fallback_then_background_offload() {
         .arg(&v)
         .query::<()>(&mut c)
         .expect_err("refused");
-    assert!(e.to_string().contains("UTMEMDOWN"), "{e}");
+    assert!(e.to_string().contains("UTMEMDOWN"), "{e:?}");
     assert_eq!(
         raw(&mut c, &["EXISTS", "k2"]),
         Value::Int(0),
