@@ -192,7 +192,9 @@ fn check_host_for(ctx: &Context, len: usize) -> Result<(), RedisError> {
     // Not connected: one attempt (a refused connect fails at once).
     match io::shared().map(|s| s.client.ping()) {
         Some(Ok(())) => Ok(()),
-        Some(Err(e)) => Err(RedisError::String(format!("UTMEMDOWN {e}"))),
+        Some(Err(e)) => Err(RedisError::String(crate::raw::error_text(&format!(
+            "UTMEMDOWN {e}"
+        )))),
         None => Err(RedisError::Str("UTMEMDOWN the module is not initialised")),
     }
 }

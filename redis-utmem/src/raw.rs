@@ -31,6 +31,18 @@ pub enum Val {
     Array(Vec<Val>),
 }
 
+/// An error line clients can parse: ASCII only (RESP clients reject invalid UTF-8 and
+/// some cut long lines), one line.
+pub fn error_text(e: &str) -> String {
+    e.chars()
+        .map(|c| match c {
+            '\r' | '\n' | '\0' => ' ',
+            c if c.is_ascii() => c,
+            _ => '?',
+        })
+        .collect()
+}
+
 /// Writes `v` as the reply on `ctx` (a command's context, or the thread-safe
 /// context of a blocked client).
 pub fn write_reply(ctx: &Context, v: &Val) {
@@ -54,7 +66,7 @@ pub fn write_reply(ctx: &Context, v: &Val) {
                 );
             }
             Val::Err(e) => {
-                let msg = CString::new(e.replace(['\r', '\n', '\0'], " ")).unwrap_or_default();
+                let msg = CString::new(error_text(e)).unwrap_or_default();
                 raw::RedisModule_ReplyWithError.expect("api")(ctx, msg.as_ptr());
             }
             Val::Int(i) => {
@@ -507,5 +519,18 @@ pub fn release_held() {
         unsafe {
             raw::RedisModule_FreeString.expect("api")(ptr::null_mut(), p as *mut RedisModuleString)
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_text;
+
+    #[test]
+    fn error_lines_are_single_line_ascii() {
+        assert_eq!(
+            error_text("UTMEMDOWN next attempt in 873µs\r\nx"),
+            "UTMEMDOWN next attempt in 873?s  x"
+        );
     }
 }

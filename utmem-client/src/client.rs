@@ -607,9 +607,9 @@ impl Inner {
         if let Some(at) = st.retry_at {
             if now < at {
                 return Err(self.unreachable(format!(
-                    "{} (next attempt in {:?})",
+                    "{} (next attempt in {} ms)",
                     st.last_error,
-                    at - now
+                    (at - now).as_millis()
                 )));
             }
         }

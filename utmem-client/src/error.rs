@@ -27,7 +27,7 @@ pub enum ClientError {
     #[error("utmem protocol error: {0}")]
     Protocol(String),
     /// No answer within the configured time.
-    #[error("utmem request timed out after {0:?}")]
+    #[error("utmem request timed out after {} ms", .0.as_millis())]
     Timeout(Duration),
     /// A transport spec that does not parse.
     #[error("bad transport {spec:?}: expected unix:/path, vsock:PORT, vsock:CID:PORT or auto")]
