@@ -127,6 +127,33 @@ impl Daemon {
 
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("kill");
+        if sig == nix::sys::signal::Signal::SIGSTOP {
+            // kill() returns before every thread has stopped; wait until they have.
+            let t0 = Instant::now();
+            while !self.all_threads_stopped() {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "the daemon never stopped"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
+    /// True when every thread of the daemon is in state T (stopped).
+    pub fn all_threads_stopped(&self) -> bool {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) else {
+            return false;
+        };
+        tasks.flatten().all(|t| {
+            std::fs::read_to_string(t.path().join("stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .map(|(_, r)| r.trim_start().starts_with('T'))
+                })
+                .unwrap_or(false)
+        })
     }
 
     /// `utmem-hostd <args> --admin PATH`, returning (status ok, stdout, stderr).

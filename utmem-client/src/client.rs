@@ -584,15 +584,9 @@ impl Inner {
             live.stream.shutdown();
         }
         st.outq = OutQueue::new();
-        let ids: Vec<u64> = st
-            .inflight
-            .iter()
-            .filter(|(_, p)| p.gen == gen)
-            .map(|(id, _)| *id)
-            .collect();
-        ids.into_iter()
-            .filter_map(|id| st.inflight.remove(&id))
-            .map(|p| p.done)
+        st.inflight
+            .extract_if(|_, p| p.gen == gen)
+            .map(|(_, p)| p.done)
             .collect()
     }
 
@@ -767,15 +761,9 @@ impl Inner {
         let now = Instant::now();
         let expired: Vec<Completion> = {
             let mut st = self.lock();
-            let ids: Vec<u64> = st
-                .inflight
-                .iter()
-                .filter(|(_, p)| p.deadline <= now)
-                .map(|(id, _)| *id)
-                .collect();
-            ids.into_iter()
-                .filter_map(|id| st.inflight.remove(&id))
-                .map(|p| p.done)
+            st.inflight
+                .extract_if(|_, p| p.deadline <= now)
+                .map(|(_, p)| p.done)
                 .collect()
         };
         fail_all(expired, &ClientError::Timeout(self.opts.timeout));
