@@ -7,6 +7,7 @@ pub mod compare;
 pub mod load;
 pub mod pressure;
 pub mod report;
+pub mod stall;
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};

@@ -31,6 +31,15 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         sizes: Vec<usize>,
     },
+    /// PING latency while utmem-hostd is stopped (SIGSTOP) and clients wait in UTMEM.GET.
+    Stall {
+        /// Clients blocked in UTMEM.GET meanwhile.
+        #[arg(long, default_value_t = 16)]
+        waiting: usize,
+        /// PINGs per measurement.
+        #[arg(long, default_value_t = 2000)]
+        pings: usize,
+    },
     /// The memory-pressure experiment (the utmem paper's Fig. 5): Redis in a memory
     /// cgroup with swap, datasets of 0.5x, 1.0x and 1.5x its limit. Needs root to set up
     /// the cgroup and a swap file; removes them afterwards.
@@ -57,6 +66,19 @@ fn main() -> ExitCode {
     }
     let stopped = || stop.load(Ordering::Relaxed);
     match cli.command {
+        Command::Stall { waiting, pings } => match utmem_benches::stall::run(waiting, pings) {
+            Ok(r) => {
+                println!(
+                    "PING p50/p99: {}/{} us with the host running, {}/{} us with it stopped and {} clients waiting in UTMEM.GET",
+                    r.running_us.0, r.running_us.1, r.stopped_us.0, r.stopped_us.1, r.waiting_clients
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("utmem-bench: {e}");
+                ExitCode::from(1)
+            }
+        },
         Command::Pressure {
             limit_mib,
             requests,
