@@ -70,10 +70,6 @@ fn bytes_for_save(s: &Stub) -> Result<bytes::Bytes, String> {
     }
 }
 
-fn in_fork_child() -> bool {
-    io::shared().is_some_and(|_| !crate::is_parent())
-}
-
 unsafe extern "C" fn rdb_save(rdb: *mut RedisModuleIO, value: *mut c_void) {
     // SAFETY: Redis passes back a value of our type.
     let Some(s) = (unsafe { stub(value) }) else {
@@ -81,7 +77,7 @@ unsafe extern "C" fn rdb_save(rdb: *mut RedisModuleIO, value: *mut c_void) {
     };
     match bytes_for_save(s) {
         Ok(b) => save_pair(rdb, FLAG_VALUE, &b),
-        Err(why) if in_fork_child() => {
+        Err(why) if crate::raw::in_fork_child() => {
             // Never write a snapshot that silently lacks a value: fail this BGSAVE.
             eprintln!(
                 "utmem: cannot read object {} for the snapshot: {why}; aborting it",
@@ -138,7 +134,7 @@ unsafe extern "C" fn aof_rewrite(
                 "utmem: cannot read object {} for the AOF rewrite: {why}; aborting it",
                 s.0.oid
             );
-            if in_fork_child() {
+            if crate::raw::in_fork_child() {
                 // SAFETY: as in rdb_save: only the child ends, the rewrite fails.
                 unsafe { libc::_exit(1) };
             }

@@ -151,11 +151,6 @@ impl Pending {
         self.gather.clone()
     }
 
-    /// Whether nothing is left to wait for.
-    pub fn is_ready(&self) -> bool {
-        self.now.is_some()
-    }
-
     /// Ends the command: replies now, or after waiting (Sync), or leaves the
     /// blocked client to the completions. `detached` is what a detached command replies.
     pub fn reply(self, ctx: &Context, timeout: Duration, detached: Val) -> RedisResult {

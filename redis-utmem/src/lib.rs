@@ -35,11 +35,6 @@ pub fn stats() -> &'static Stats {
     &STATS
 }
 
-/// True in the Redis process itself, false in its fork children.
-pub fn is_parent() -> bool {
-    !raw::in_fork_child()
-}
-
 /// Logs a warning to the Redis log.
 pub fn log_warning(msg: &str) {
     redis_module::logging::log_warning(msg);

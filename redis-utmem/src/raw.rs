@@ -286,11 +286,6 @@ impl Drop for Key {
     }
 }
 
-/// The bytes of a RedisModuleString argument.
-pub fn string_bytes(s: &RedisString) -> &[u8] {
-    s.as_slice()
-}
-
 /// Emits `UTMEM.SET key value` into an AOF rewrite.
 ///
 /// # Safety

@@ -105,11 +105,6 @@ impl Slot {
         }
     }
 
-    /// True when the bytes are held in Redis memory.
-    pub fn holds_bytes(&self) -> bool {
-        matches!(&*self.lock(), State::Pending(_) | State::Local(_))
-    }
-
     /// The bytes to PUT, if this value still needs to go to the host (pending, or
     /// local and being offered again, in which case it becomes pending).
     pub fn take_for_put(&self) -> Option<Bytes> {

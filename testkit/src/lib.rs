@@ -16,13 +16,18 @@ use utmem_proto::{
 
 /// The `utmem-hostd` binary of this build (target/<profile>/utmem-hostd), or `$UTMEM_HOSTD`.
 pub fn hostd_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("UTMEM_HOSTD") {
+    artifact("utmem-hostd", "UTMEM_HOSTD", "utmem-host")
+}
+
+/// `$env` if set, else `name` from this build, which must exist (built by `package`).
+fn artifact(name: &str, env: &str, package: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
         return PathBuf::from(p);
     }
-    let bin = sibling("utmem-hostd");
+    let bin = sibling(name);
     assert!(
         bin.exists(),
-        "{} is missing: build it first (cargo build -p utmem-host), or set UTMEM_HOSTD",
+        "{} is missing: build it first (cargo build -p {package}), or set {env}",
         bin.display()
     );
     bin
@@ -338,16 +343,7 @@ pub fn free_port() -> u16 {
 
 /// The module of this build (target/<profile>/libredis_utmem.so), or `$UTMEM_MODULE`.
 pub fn module_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("UTMEM_MODULE") {
-        return PathBuf::from(p);
-    }
-    let bin = sibling("libredis_utmem.so");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (cargo build -p redis-utmem), or set UTMEM_MODULE",
-        bin.display()
-    );
-    bin
+    artifact("libredis_utmem.so", "UTMEM_MODULE", "redis-utmem")
 }
 
 /// The server binary: `$UTMEM_REDIS_SERVER` (e.g. valkey-server) or `redis-server`.
