@@ -45,7 +45,7 @@ fn look(key: &Key) -> Have {
         KeyKind::Empty => Have::Missing,
         KeyKind::String => Have::Value(Val::Bulk(key.string().unwrap_or_default())),
         KeyKind::Ours => match key.stub() {
-            Some(Stub(slot)) => match slot.read() {
+            Some(Stub(slot)) => match slot.read_near(config::mapped_read_max()) {
                 Read::Here(b) => Have::Value(Val::Bulk(b)),
                 Read::Remote(crc) => Have::Fetch(Arc::clone(slot), crc),
                 Read::Lost => {
@@ -267,12 +267,25 @@ pub fn get(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         return Err(arity("utmem.get"));
     }
     let key = Key::open(ctx, &args[1]);
+    // The common case, without allocating: the value is in the mapped arena.
+    if let Some(Stub(slot)) = key.stub() {
+        let replied = io::with_mapped(slot, config::mapped_read_max(), |b| {
+            crate::raw::write_reply_bytes(ctx, b)
+        });
+        if replied.is_some() {
+            return Ok(RedisValue::NoReply);
+        }
+    }
     let have = look(&key);
     drop(key);
-    if let Have::WrongType = have {
-        return Err(RedisError::WrongType);
+    match have {
+        Have::WrongType => Err(RedisError::WrongType),
+        Have::Value(v) => {
+            crate::raw::write_reply(ctx, &v);
+            Ok(RedisValue::NoReply)
+        }
+        have => reply_one(ctx, have),
     }
-    reply_one(ctx, have)
 }
 
 /// UTMEM.MGET key [key ...]

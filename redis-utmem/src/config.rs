@@ -15,6 +15,9 @@ pub static THRESHOLD: AtomicI64 = AtomicI64::new(4096);
 pub static TIMEOUT_MS: AtomicI64 = AtomicI64::new(5000);
 /// Cap on value bytes of PUTs in flight to the host (0: no cap).
 pub static MAX_PENDING_BYTES: AtomicI64 = AtomicI64::new(256 << 20);
+/// Values up to this long are read straight from the host's mapped arena when the
+/// transport allows it (a local Unix socket); 0: always ask over the socket.
+pub static MAPPED_READ_MAX: AtomicI64 = AtomicI64::new(1 << 20);
 /// Where the host is.
 pub static TRANSPORT: Spec = Spec(Mutex::new(String::new()));
 /// The persistent pool's name; empty means `redis-<port>`.
@@ -84,8 +87,14 @@ pub fn threshold() -> usize {
     usize::try_from(THRESHOLD.load(Relaxed)).unwrap_or(0)
 }
 
+/// Largest value read from the mapped arena.
+pub fn mapped_read_max() -> usize {
+    usize::try_from(MAPPED_READ_MAX.load(Relaxed)).unwrap_or(0)
+}
+
 /// The options and their bounds, for messages.
-pub const OPTIONS: &str = "transport, threshold, pool, timeout-ms, on-host-down, max-pending-bytes";
+pub const OPTIONS: &str =
+    "transport, threshold, pool, timeout-ms, on-host-down, max-pending-bytes, mapped-read-max";
 
 /// Bounds of the integer options.
 pub const THRESHOLD_MAX: i64 = 512 << 20;
@@ -118,6 +127,9 @@ pub fn apply_args(args: &[String]) -> Result<(), String> {
             "timeout-ms" => TIMEOUT_MS.store(int("timeout-ms", v, 1, TIMEOUT_MAX)?, Relaxed),
             "max-pending-bytes" => {
                 MAX_PENDING_BYTES.store(int("max-pending-bytes", v, 0, i64::MAX)?, Relaxed)
+            }
+            "mapped-read-max" => {
+                MAPPED_READ_MAX.store(int("mapped-read-max", v, 0, THRESHOLD_MAX)?, Relaxed)
             }
             "transport" => {
                 check_spec(v).map_err(|e| format!("option transport: {e}"))?;

@@ -96,6 +96,7 @@ pub fn start(spec: &str, pool_name: &str, timeout: Duration) -> Result<&'static 
         spec,
         Options {
             timeout,
+            map: true,
             ..Options::default()
         },
     )
@@ -199,6 +200,51 @@ pub fn fetch_sync(slot: &Slot) -> Result<Bytes, Val> {
             }
         }
     }
+}
+
+thread_local! {
+    /// The main thread's buffer for values copied out of the arena, reused across reads.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on the bytes of `slot` copied out of the host's mapped arena into a
+/// reused buffer (no allocation, no round trip); `None` if the value is not in
+/// the arena, is longer than `max`, or was not there any more (counted).
+pub fn with_mapped<R>(slot: &Slot, max: usize, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+    if slot.len > max || !in_parent() {
+        return None;
+    }
+    let at = slot.placement()?;
+    let client = &shared()?.client;
+    SCRATCH.with(|s| {
+        let mut buf = s.borrow_mut();
+        let stats = crate::stats();
+        if client.read_mapped(at, slot.len, &mut buf) {
+            Stats::bump(&stats.mapped_reads);
+            let r = f(&buf);
+            // Keep one large value's worth of memory at most.
+            if buf.capacity() > 4 << 20 {
+                *buf = Vec::new();
+            }
+            Some(r)
+        } else {
+            Stats::bump(&stats.mapped_fallbacks);
+            None
+        }
+    })
+}
+
+/// A value copied out of the host's mapped arena; `None` if it is not there (or
+/// this is a fork child, which must not touch the parent's client).
+pub fn read_mapped(at: utmem_client::proto::Placement, len: usize) -> Option<Bytes> {
+    if !in_parent() {
+        return None;
+    }
+    let mut v = Vec::new();
+    shared()?
+        .client
+        .read_mapped(at, len, &mut v)
+        .then(|| Bytes::from(v))
 }
 
 fn check(slot: &Slot, crc: u32, v: Bytes) -> Result<Bytes, Val> {
@@ -418,7 +464,8 @@ impl Io {
                 let stats = crate::stats();
                 stats.rtt_us(micros(t0));
                 match r {
-                    Ok(_) => slot.acked(crc),
+                    Ok(Response::Placed(at)) => slot.acked(crc, Some(at)),
+                    Ok(_) => slot.acked(crc, None),
                     Err(e) => {
                         match &e {
                             ClientError::Refused {

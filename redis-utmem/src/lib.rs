@@ -63,6 +63,8 @@ pub fn info_fields() -> Vec<(&'static str, String)> {
         ("no_space_fallbacks", c(&s.no_space_fallbacks)),
         ("lost_values", c(&s.lost_values)),
         ("checksum_errors", c(&s.checksum_errors)),
+        ("mapped_reads", c(&s.mapped_reads)),
+        ("mapped_fallbacks", c(&s.mapped_fallbacks)),
         ("rtt_p50_us", s.rtt_percentile(500).to_string()),
         ("rtt_p99_us", s.rtt_percentile(990).to_string()),
         ("recall_running", g(&s.recall_running)),

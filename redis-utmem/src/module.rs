@@ -131,6 +131,7 @@ redis_module! {
             ["threshold", &config::THRESHOLD, 4096, 0, config::THRESHOLD_MAX, ConfigurationFlags::DEFAULT, None],
             ["timeout-ms", &config::TIMEOUT_MS, 5000, 1, config::TIMEOUT_MAX, ConfigurationFlags::DEFAULT, None],
             ["max-pending-bytes", &config::MAX_PENDING_BYTES, 256 << 20, 0, i64::MAX, ConfigurationFlags::DEFAULT, None],
+            ["mapped-read-max", &config::MAPPED_READ_MAX, 1 << 20, 0, config::THRESHOLD_MAX, ConfigurationFlags::DEFAULT, None],
         ],
         string: [
             ["transport", &config::TRANSPORT, config::DEFAULT_TRANSPORT, ConfigurationFlags::IMMUTABLE, None],

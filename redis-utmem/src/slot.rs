@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
+use utmem_client::proto::Placement;
 
 use crate::stats::Stats;
 
@@ -27,6 +28,8 @@ pub enum State {
     Remote {
         /// CRC32 of the value.
         crc: u32,
+        /// Where it is in the host's arena, if this process maps it.
+        at: Option<Placement>,
     },
     /// Neither: the RDB it came from could not include it.
     Lost,
@@ -77,7 +80,7 @@ impl Slot {
         Arc::new(Slot {
             oid,
             len,
-            state: Mutex::new(State::Remote { crc }),
+            state: Mutex::new(State::Remote { crc, at: None }),
             submitted: AtomicBool::new(true),
         })
     }
@@ -100,9 +103,38 @@ impl Slot {
     pub fn read(&self) -> Read {
         match &*self.lock() {
             State::Pending(b) | State::Local(b) => Read::Here(b.clone()),
-            State::Remote { crc } => Read::Remote(*crc),
+            State::Remote { crc, .. } => Read::Remote(*crc),
             State::Lost => Read::Lost,
         }
+    }
+
+    /// Where a remote value sits in the mapped arena, if it does.
+    pub fn placement(&self) -> Option<Placement> {
+        match &*self.lock() {
+            State::Remote { at, .. } => *at,
+            _ => None,
+        }
+    }
+
+    /// Like [`Slot::read`], but a remote value of at most `mapped_max` bytes that
+    /// sits in the mapped arena is copied from there (no round trip).
+    pub fn read_near(&self, mapped_max: usize) -> Read {
+        let (crc, at) = match &*self.lock() {
+            State::Pending(b) | State::Local(b) => return Read::Here(b.clone()),
+            State::Remote { crc, at } => (*crc, *at),
+            State::Lost => return Read::Lost,
+        };
+        if let Some(p) = at.filter(|_| self.len <= mapped_max) {
+            let stats = crate::stats();
+            match crate::io::read_mapped(p, self.len) {
+                Some(b) => {
+                    Stats::bump(&stats.mapped_reads);
+                    return Read::Here(b);
+                }
+                None => Stats::bump(&stats.mapped_fallbacks),
+            }
+        }
+        Read::Remote(crc)
     }
 
     /// The bytes to PUT, if this value still needs to go to the host (pending, or
@@ -131,8 +163,9 @@ impl Slot {
         self.submitted.store(true, Relaxed);
     }
 
-    /// The host acknowledged the PUT: drop the bytes here.
-    pub fn acked(&self, crc: u32) {
+    /// The host acknowledged the PUT (and placed it `at` in the mapped arena): drop
+    /// the bytes here.
+    pub fn acked(&self, crc: u32, at: Option<Placement>) {
         let mut st = self.lock();
         if let State::Pending(_) = &*st {
             let s = crate::stats();
@@ -140,7 +173,7 @@ impl Slot {
             Stats::add(&s.pending_bytes, -len_i64(self.len));
             Stats::add(&s.offloaded_values, 1);
             Stats::add(&s.offloaded_bytes, len_i64(self.len));
-            *st = State::Remote { crc };
+            *st = State::Remote { crc, at };
         }
     }
 

@@ -24,6 +24,10 @@ pub struct Stats {
     pub no_space_fallbacks: AtomicU64,
     /// GETs the host answered with MISS (the host lost the value).
     pub lost_values: AtomicU64,
+    /// Values read straight from the mapped arena (no round trip).
+    pub mapped_reads: AtomicU64,
+    /// Mapped reads that found the value gone or moved and asked over the socket.
+    pub mapped_fallbacks: AtomicU64,
     /// GETs whose checksum did not match.
     pub checksum_errors: AtomicU64,
     /// RECALLALL: keys brought back so far, and whether it runs.

@@ -164,6 +164,25 @@ fn redis_answers_others_while_the_host_is_stopped() {
         .query(&mut c)
         .expect("set");
     d.signal(Signal::SIGSTOP);
+    // The value sits in the arena Redis maps: it is served without the host.
+    let v: Vec<u8> = redis::cmd("UTMEM.GET")
+        .arg("big")
+        .query(&mut c)
+        .expect("a mapped read needs no host");
+    assert_eq!(v, big);
+    assert!(
+        r.info("utmem", "utmem_mapped_reads")
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+    // Over the socket, reads wait for the host and then fail; others are served meanwhile.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("utmem.mapped-read-max")
+        .arg("0")
+        .query(&mut c)
+        .expect("config set");
     let waiters: Vec<_> = (0..4)
         .map(|_| {
             let mut c = r.conn();

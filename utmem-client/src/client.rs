@@ -22,12 +22,13 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use utmem_proto::{
     CopyTarget, HelloReply, HelloRequest, IdentityStats, Key, Limits, NewPool, ObjectId, Op,
-    OutQueue, PoolId, PoolKind, ReplyHeader, RequestHeader, RequestId, Status, CAP_COPY,
-    REPLY_HEADER_LEN, REQUEST_HEADER_LEN, VERSION,
+    OutQueue, Placement, PoolId, PoolKind, ReplyHeader, RequestHeader, RequestId, Status, CAP_COPY,
+    CAP_MAP, REPLY_HEADER_LEN, REQUEST_HEADER_LEN, VERSION,
 };
 use utmem_sys as sys;
 
 use crate::error::ClientError;
+use crate::mapped::Mapped;
 use crate::request::{Pool, Request, Response};
 use crate::spec::Spec;
 use crate::transport::{from_spec, Stream, Transport};
@@ -45,6 +46,10 @@ pub struct Options {
     pub min_backoff: Duration,
     /// Longest wait between connection attempts.
     pub max_backoff: Duration,
+    /// Map the host's value arena when the transport allows it (a local Unix
+    /// socket): PUTs then answer [`Response::Placed`] and [`Client::read_mapped`]
+    /// reads values without a round trip.
+    pub map: bool,
 }
 
 impl Default for Options {
@@ -53,6 +58,7 @@ impl Default for Options {
             timeout: Duration::from_secs(5),
             min_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_secs(1),
+            map: false,
         }
     }
 }
@@ -71,6 +77,8 @@ struct Item {
 
 struct Pending {
     op: Op,
+    /// Payload bytes of the request (a PUT's value length).
+    len: u64,
     gen: u64,
     deadline: Instant,
     done: Completion,
@@ -110,6 +118,8 @@ struct Inner {
     opts: Options,
     state: Mutex<State>,
     closed: AtomicBool,
+    /// The arena mapping of the current connection (dropped with the connection).
+    mapped: Mutex<Option<Mapped>>,
 }
 
 /// A connection to utmem-hostd, shared by any number of threads (clone it).
@@ -177,6 +187,7 @@ impl Client {
                 ..State::default()
             }),
             closed: AtomicBool::new(false),
+            mapped: Mutex::new(None),
         });
         let first = {
             let mut st = inner.lock();
@@ -200,6 +211,28 @@ impl Client {
     /// What the host said in its last HELLO (identity, quota, limits).
     pub fn hello(&self) -> Option<HelloReply> {
         self.inner().lock().hello.clone()
+    }
+
+    /// Copies the value PUT placed at `p` (`len` bytes) from the mapped arena into
+    /// `out`, without a round trip. False if there is no mapping (not asked for,
+    /// not a local socket, disconnected) or the value is not there any more: then
+    /// ask with a GET.
+    pub fn read_mapped(&self, p: Placement, len: usize, out: &mut Vec<u8>) -> bool {
+        let m = self
+            .inner()
+            .mapped
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        m.as_ref().is_some_and(|m| m.read_into(p, len, out))
+    }
+
+    /// Whether values can be read from a mapped arena right now.
+    pub fn is_mapped(&self) -> bool {
+        self.inner()
+            .mapped
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
     }
 
     /// Whether a connection is up right now.
@@ -529,6 +562,7 @@ impl Inner {
                 id,
                 Pending {
                     op,
+                    len: h.len,
                     gen,
                     deadline,
                     done,
@@ -583,6 +617,7 @@ impl Inner {
         if let Some(live) = st.conn.take() {
             live.stream.shutdown();
         }
+        *self.mapped.lock().unwrap_or_else(PoisonError::into_inner) = None;
         st.outq = OutQueue::new();
         st.inflight
             .extract_if(|_, p| p.gen == gen)
@@ -683,6 +718,19 @@ impl Inner {
             slot.server = Some(id);
             slot.reset = false;
         }
+        let mapped = match &stream {
+            Stream::Unix(s) if self.opts.map && hello.capabilities & CAP_MAP != 0 => {
+                match Mapped::open(s, &limits) {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        tracing::warn!("values will be read over the socket: {e}");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        *self.mapped.lock().unwrap_or_else(PoisonError::into_inner) = mapped;
         stream.set_read_timeout(None).map_err(io_err)?;
         let reader = stream.try_clone().map_err(io_err)?;
         st.gen += 1;
@@ -746,6 +794,22 @@ impl Inner {
         } else {
             match (h.status, h.op) {
                 (Status::Ok, Op::Get | Op::NewPool) => Ok(Response::Value(payload)),
+                (Status::Ok, Op::Put) if !payload.is_empty() => match Placement::decode(&payload) {
+                    Ok(at) => {
+                        // Map its pages here, off the caller's thread, so that reading
+                        // it later takes no page faults.
+                        if let Some(m) = self
+                            .mapped
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .as_ref()
+                        {
+                            m.populate(at, p.len);
+                        }
+                        Ok(Response::Placed(at))
+                    }
+                    Err(e) => Err(ClientError::Protocol(e.to_string())),
+                },
                 (Status::Ok, Op::Stats) => IdentityStats::decode(&payload)
                     .map(Response::Stats)
                     .map_err(|e| ClientError::Protocol(e.to_string())),

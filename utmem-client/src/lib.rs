@@ -12,12 +12,14 @@
 
 pub mod client;
 pub mod error;
+pub mod mapped;
 pub mod request;
 pub mod spec;
 pub mod transport;
 
 pub use client::{Client, Completion, Options};
 pub use error::ClientError;
+pub use mapped::Mapped;
 pub use request::{Pool, Request, Response};
 pub use spec::{Spec, DEVICE_PATH, HOST_CID};
 pub use transport::{Stream, Transport, UnixTransport, VsockTransport};

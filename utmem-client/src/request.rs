@@ -1,7 +1,7 @@
 //! What a caller asks for and what it gets back.
 
 use bytes::Bytes;
-use utmem_proto::{IdentityStats, Key, ObjectId, Op};
+use utmem_proto::{IdentityStats, Key, ObjectId, Op, Placement};
 
 /// A pool opened through this client. It stays valid across reconnects: the
 /// client re-opens the pool by name on every new connection.
@@ -90,6 +90,9 @@ impl Request {
 pub enum Response {
     /// PUT, FLUSH, FLUSH_OBJECT, COPY, DESTROY_POOL, PING succeeded.
     Done,
+    /// PUT succeeded and the value is in the arena this client maps, here
+    /// ([`crate::Client::read_mapped`] reads it without a round trip).
+    Placed(Placement),
     /// GET found this value (the bytes as read off the socket, not copied again).
     Value(Bytes),
     /// GET found nothing (never stored, flushed, or dropped from an ephemeral pool).

@@ -334,3 +334,99 @@ fn a_refused_pool_is_an_error_and_does_not_block_reconnects() {
     }
     assert!(c.open_pool(shared, false).is_err());
 }
+
+fn mapped_client(spec: &str) -> Client {
+    Client::connect(
+        spec,
+        Options {
+            map: true,
+            ..Options::default()
+        },
+    )
+    .expect("connect")
+}
+
+/// PUTs on a mapped connection answer where the value went; reading it there gives
+/// exactly the bytes stored, and nothing once the host dropped or replaced it.
+#[test]
+fn mapped_reads_return_the_stored_bytes_and_nothing_stale() {
+    let d = Daemon::start(&[]);
+    let c = mapped_client(&spec(&d));
+    assert!(c.is_mapped(), "a local Unix socket maps the arena");
+    let pool = c.open("mapped").expect("pool");
+    let mut out = Vec::new();
+    let mut placed = Vec::new();
+    for (i, len) in SIZES.into_iter().enumerate() {
+        let key = Key::new(i as u64, 0);
+        let v = value(i as u64, len);
+        let at = match c.call(Request::Put {
+            pool,
+            key,
+            value: v.clone(),
+        }) {
+            Ok(Response::Placed(at)) => at,
+            other => panic!("PUT of {len} bytes answered {other:?}"),
+        };
+        assert!(c.read_mapped(at, len, &mut out), "read {len} bytes");
+        assert!(out == v[..], "content of {len} bytes");
+        // The wrong length is refused, never a short or long read.
+        assert!(!c.read_mapped(at, len + 1, &mut out));
+        placed.push((key, at, len));
+    }
+    // Overwrite: the old placement is dead, the new one reads the new bytes.
+    let (key, old, len) = placed[9];
+    let v2 = value(99, len);
+    let Ok(Response::Placed(new)) = c.call(Request::Put {
+        pool,
+        key,
+        value: v2.clone(),
+    }) else {
+        panic!("overwrite not placed");
+    };
+    assert!(
+        !c.read_mapped(old, len, &mut out),
+        "a replaced value is gone"
+    );
+    assert!(c.read_mapped(new, len, &mut out) && out == v2[..]);
+    // FLUSH and DESTROY_POOL clear the stamps.
+    let (key, at, len) = placed[5];
+    c.flush(pool, key).expect("flush");
+    assert!(!c.read_mapped(at, len, &mut out), "a flushed value is gone");
+    c.destroy_pool(pool).expect("destroy");
+    for (_, at, len) in &placed {
+        assert!(!c.read_mapped(*at, *len, &mut out), "after DESTROY_POOL");
+    }
+    // A client that did not ask for a mapping gets plain answers.
+    let plain = Client::connect(&spec(&d), Options::default()).expect("connect");
+    let p2 = plain.open("plain").expect("pool");
+    assert_eq!(
+        plain.call(Request::Put {
+            pool: p2,
+            key: Key::new(1, 0),
+            value: value(1, 5000)
+        }),
+        Ok(Response::Done)
+    );
+    assert!(!plain.is_mapped());
+}
+
+/// A named listener stands for a VM (hybrid vsock): no descriptor may go there.
+#[test]
+fn named_listeners_do_not_map() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("vm.sock");
+    let d = Daemon::start(&[&format!("--listen=unix:{}=vm-a", sock.display())]);
+    let c = mapped_client(&format!("unix:{}", sock.display()));
+    assert!(!c.is_mapped());
+    let pool = c.open("p").expect("pool");
+    assert_eq!(
+        c.call(Request::Put {
+            pool,
+            key: Key::new(1, 0),
+            value: value(1, 5000)
+        }),
+        Ok(Response::Done)
+    );
+    assert_eq!(c.hello().expect("hello").identity, "vm-a");
+    drop(d);
+}

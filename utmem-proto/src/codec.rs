@@ -87,7 +87,8 @@ mod tests {
     use super::*;
     use crate::op::{Op, Status};
     use crate::payload::{
-        CopyTarget, HelloReply, HelloRequest, IdentityStats, NewPool, PoolKind, CAP_COPY,
+        CopyTarget, HelloReply, HelloRequest, IdentityStats, MapReply, NewPool, Placement,
+        PoolKind, CAP_COPY,
     };
     use crate::types::{Key, PoolId, PoolUuid, RequestId};
     use proptest::prelude::*;
@@ -175,6 +176,10 @@ mod tests {
             req(Op::Ping, 0, 0, Key::default(), &[]),
             format!("55544d4d010a0000{id}{}", "00".repeat(24))
         );
+        assert_eq!(
+            req(Op::Map, 0, 0, Key::default(), &[]),
+            format!("55544d4d010b0000{id}{}", "00".repeat(24))
+        );
     }
 
     #[test]
@@ -214,6 +219,17 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(hex(&stats.encode()[8..16]), "0200000000000000");
+        let placed = Placement {
+            offset: 0x40,
+            stamp: 0x0102,
+        };
+        assert_eq!(hex(&placed.encode()), "40000000000000000201000000000000");
+        assert_eq!(Placement::decode(&placed.encode()), Ok(placed));
+        assert!(
+            Placement::decode(&[0u8; 16]).is_err(),
+            "stamp 0 is never valid"
+        );
+        assert_eq!(hex(&MapReply { len: 1 << 30 }.encode()), "0000004000000000");
     }
 
     #[test]

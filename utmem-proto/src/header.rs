@@ -69,7 +69,13 @@ impl Limits {
             Op::Put => self.max_value,
             Op::Hello | Op::NewPool => MAX_CONTROL_PAYLOAD,
             Op::Copy => crate::payload::CopyTarget::LEN as u64,
-            Op::DestroyPool | Op::Get | Op::Flush | Op::FlushObject | Op::Stats | Op::Ping => 0,
+            Op::DestroyPool
+            | Op::Get
+            | Op::Flush
+            | Op::FlushObject
+            | Op::Stats
+            | Op::Ping
+            | Op::Map => 0,
         }
     }
 
@@ -78,7 +84,9 @@ impl Limits {
         match op {
             Op::Get => self.max_value,
             Op::Hello | Op::NewPool | Op::Stats => MAX_CONTROL_PAYLOAD,
-            Op::DestroyPool | Op::Put | Op::Flush | Op::FlushObject | Op::Copy | Op::Ping => 0,
+            Op::Put => crate::payload::Placement::LEN as u64,
+            Op::Map => crate::payload::MapReply::LEN as u64,
+            Op::DestroyPool | Op::Flush | Op::FlushObject | Op::Copy | Op::Ping => 0,
         }
     }
 }

@@ -27,8 +27,9 @@ pub use header::{
 };
 pub use op::{Op, Status};
 pub use payload::{
-    CopyTarget, HelloReply, HelloRequest, IdentityStats, NewPool, PoolKind, CAP_COPY,
-    CAP_EPHEMERAL, CAP_SHARED, POOL_EPHEMERAL, POOL_SHARED,
+    CopyTarget, HelloReply, HelloRequest, IdentityStats, MapReply, NewPool, Placement, PoolKind,
+    ARENA_ALIGN, ARENA_HEADER_LEN, CAP_COPY, CAP_EPHEMERAL, CAP_MAP, CAP_SHARED, POOL_EPHEMERAL,
+    POOL_SHARED,
 };
 pub use queue::OutQueue;
 pub use types::{Index, Key, ObjectId, PoolId, PoolUuid, RequestId};

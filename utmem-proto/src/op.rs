@@ -26,11 +26,14 @@ pub enum Op {
     Stats = 9,
     /// No effect; measures a round trip.
     Ping = 10,
+    /// Map the identity's value arena read-only (local Unix sockets only): the reply
+    /// carries a [`crate::MapReply`] and, as SCM_RIGHTS, the arena's memfd.
+    Map = 11,
 }
 
 impl Op {
     /// Every op, in wire order.
-    pub const ALL: [Op; 10] = [
+    pub const ALL: [Op; 11] = [
         Op::Hello,
         Op::NewPool,
         Op::DestroyPool,
@@ -41,6 +44,7 @@ impl Op {
         Op::Copy,
         Op::Stats,
         Op::Ping,
+        Op::Map,
     ];
 }
 

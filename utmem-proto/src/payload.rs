@@ -11,6 +11,15 @@ pub const CAP_COPY: u64 = 1 << 0;
 pub const CAP_SHARED: u64 = 1 << 1;
 /// Capability: the host implements ephemeral pools.
 pub const CAP_EPHEMERAL: u64 = 1 << 2;
+/// Capability: this connection may MAP the identity's value arena (a local Unix
+/// socket that can pass file descriptors).
+pub const CAP_MAP: u64 = 1 << 3;
+
+/// Bytes before each value in the arena: its stamp (u64, written last, cleared
+/// first) and its length (u64).
+pub const ARENA_HEADER_LEN: u64 = 16;
+/// Values in the arena start at multiples of this.
+pub const ARENA_ALIGN: u64 = 64;
 
 /// NEW_POOL flag: the host may drop values of this pool to make room.
 pub const POOL_EPHEMERAL: u16 = 1 << 0;
@@ -212,6 +221,75 @@ impl CopyTarget {
             u64_at(b, 0),
             u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
         )))
+    }
+}
+
+/// PUT reply payload on a mapped connection when the value went into the arena
+/// (16 bytes): where its header is and the stamp it carries while the value lives.
+///
+/// A reader of the mapping checks the stamp at `offset`, copies the
+/// `len` value bytes that follow the [`ARENA_HEADER_LEN`]-byte header, and
+/// checks the stamp again: the host clears it before the space can be reused, and
+/// stamps are never reused, so equal stamps before and after mean the copy is the
+/// value that PUT stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Placement {
+    /// Byte offset of the value's header in the arena.
+    pub offset: u64,
+    /// Nonzero, unique per value stored in any arena of this host's lifetime.
+    pub stamp: u64,
+}
+
+impl Placement {
+    /// Wire size.
+    pub const LEN: usize = 16;
+
+    /// Wire bytes: offset then stamp.
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[0..8].copy_from_slice(&self.offset.to_le_bytes());
+        b[8..16].copy_from_slice(&self.stamp.to_le_bytes());
+        b
+    }
+
+    /// Parses the payload.
+    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
+        if b.len() != Self::LEN {
+            return Err(bad("PUT reply", "length is not 16"));
+        }
+        let p = Placement {
+            offset: u64_at(b, 0),
+            stamp: u64_at(b, 8),
+        };
+        if p.stamp == 0 || !p.offset.is_multiple_of(ARENA_ALIGN) {
+            return Err(bad("PUT reply", "zero stamp or unaligned offset"));
+        }
+        Ok(p)
+    }
+}
+
+/// MAP reply payload (8 bytes): the arena's length; its memfd comes as SCM_RIGHTS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapReply {
+    /// Bytes to map (the memfd's size; it never shrinks).
+    pub len: u64,
+}
+
+impl MapReply {
+    /// Wire size.
+    pub const LEN: usize = 8;
+
+    /// Wire bytes.
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        self.len.to_le_bytes()
+    }
+
+    /// Parses the payload.
+    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
+        if b.len() != Self::LEN {
+            return Err(bad("MAP reply", "length is not 8"));
+        }
+        Ok(MapReply { len: u64_at(b, 0) })
     }
 }
 

@@ -1,7 +1,8 @@
 //! The raw fd operations utmem's host and client share: a read into a buffer's spare capacity
 //! (so value buffers are never zero-filled before the socket overwrites them)
 //! and a vectored write (so headers and shared value buffers go out together
-//! without being copied into one buffer).
+//! without being copied into one buffer), a shared mapping of the value arena, and
+//! passing the arena's descriptor over a Unix socket.
 
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -50,4 +51,125 @@ pub fn writev(fd: BorrowedFd<'_>, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
             return Err(err);
         }
     }
+}
+
+/// A shared mapping of a whole file (the host's value arena), unmapped on drop.
+#[derive(Debug)]
+pub struct Mmap {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; the processes that share
+// it synchronise through the arena's stamps, never through Rust references.
+unsafe impl Send for Mmap {}
+// SAFETY: as above; `&Mmap` only hands out raw pointers.
+unsafe impl Sync for Mmap {}
+
+impl Mmap {
+    /// Maps `len` bytes of `fd` from offset 0, shared, read-only or read-write.
+    pub fn new(fd: BorrowedFd<'_>, len: usize, writable: bool) -> io::Result<Mmap> {
+        if len == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty mapping"));
+        }
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: a fresh mapping chosen by the kernel (null hint) of a file we were
+        // given; nothing else in this process refers to that address range yet.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(p.cast::<u8>())
+            .ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(Mmap { ptr, len })
+    }
+
+    /// First byte of the mapping.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the mapping is empty (never: `new` refuses that).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for Mmap {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are exactly the range `new` mapped, unmapped only here.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Sends `data` on a Unix stream socket with `pass` attached as SCM_RIGHTS. Returns
+/// the bytes sent (the descriptor travels with the first of them).
+pub fn send_with_fd(sock: BorrowedFd<'_>, data: &[u8], pass: BorrowedFd<'_>) -> io::Result<usize> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let fds = [pass.as_raw_fd()];
+    let iov = [IoSlice::new(data)];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    loop {
+        match sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(n) => return Ok(n),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Receives into `buf` from a Unix stream socket; returns the bytes read and the
+/// descriptor that came with them, if any (extra descriptors are closed).
+pub fn recv_with_fd(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<(usize, Option<std::os::fd::OwnedFd>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::FromRawFd;
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 2]);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = loop {
+        match recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(m) => break m,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let mut got = None;
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            for fd in fds {
+                // SAFETY: SCM_RIGHTS just installed `fd` in this process; nobody else
+                // owns it, so wrapping it gives it exactly one owner (closed on drop).
+                let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+                if got.is_none() {
+                    got = Some(owned);
+                }
+            }
+        }
+    }
+    Ok((msg.bytes, got))
 }

@@ -36,14 +36,16 @@ pub fn spawn_acceptor(listener: Listener, store: Arc<Store>) -> thread::JoinHand
                             }
                         },
                     };
-                    spawn_session(conn, ident, Arc::clone(&store));
+                    // Only a plain local socket (identity = peer uid) may map the arena: a
+                    // named listener is a VMM's hybrid vsock, where descriptors cannot travel.
+                    spawn_session(conn, ident, Arc::clone(&store), name.is_none());
                 }
             }
             Listener::Vsock { sock, .. } => loop {
                 match sock.accept() {
                     Ok((conn, addr)) => {
                         let ident = listener::vsock_peer_identity(&addr);
-                        spawn_session(conn, ident, Arc::clone(&store));
+                        spawn_session(conn, ident, Arc::clone(&store), false);
                     }
                     Err(e) => tracing::warn!(listener = %what, "accept failed: {e}"),
                 }
@@ -52,7 +54,7 @@ pub fn spawn_acceptor(listener: Listener, store: Arc<Store>) -> thread::JoinHand
         .unwrap_or_else(|e| panic!("cannot start the accept thread: {e}"))
 }
 
-fn spawn_session<S>(conn: S, ident: String, store: Arc<Store>)
+fn spawn_session<S>(conn: S, ident: String, store: Arc<Store>, can_map: bool)
 where
     S: std::os::fd::AsFd + Send + 'static,
 {
@@ -62,7 +64,7 @@ where
             let identity = store.identity(&ident);
             identity.connected();
             tracing::debug!(identity = %ident, "connected");
-            let mut session = Session::new(conn, &store, identity);
+            let mut session = Session::new(conn, &store, identity, can_map);
             let result = session.run();
             let identity = Arc::clone(session.identity());
             drop(session);

@@ -12,16 +12,17 @@
 //! limit) ends the session: the caller logs it and closes the socket.
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
 use utmem_proto::{
-    CopyTarget, DecodeError, HelloReply, HelloRequest, Limits, NewPool, Op, OutQueue, ReplyHeader,
-    RequestHeader, Status, CAP_COPY, CAP_EPHEMERAL, CAP_SHARED, REQUEST_HEADER_LEN, VERSION,
+    CopyTarget, DecodeError, HelloReply, HelloRequest, Limits, MapReply, NewPool, Op, OutQueue,
+    Placement, ReplyHeader, RequestHeader, Status, CAP_COPY, CAP_EPHEMERAL, CAP_MAP, CAP_SHARED,
+    REQUEST_HEADER_LEN, VERSION,
 };
 
-use crate::store::{Identity, Store};
+use crate::store::{Arena, Identity, Store};
 use utmem_sys as sys;
 
 /// Payloads at least this long get their own buffer, filled straight from the socket.
@@ -53,11 +54,18 @@ pub struct Session<'a, S: AsFd> {
     limits: Limits,
     rbuf: BytesMut,
     out: OutQueue,
+    /// Whether the peer can receive the arena's descriptor (a local Unix socket).
+    can_map: bool,
+    /// The arena this connection mapped: its PUTs of private pools go there.
+    arena: Option<Arc<Arena>>,
+    /// A MAP reply to send, with the arena's descriptor, after the queued replies.
+    map_reply: Option<Vec<u8>>,
 }
 
 impl<'a, S: AsFd> Session<'a, S> {
-    /// A session for `ident` on `stream`.
-    pub fn new(stream: S, store: &'a Store, ident: Arc<Identity>) -> Self {
+    /// A session for `ident` on `stream`; `can_map` if the peer is a local process
+    /// that may map the identity's arena (descriptors can be passed to it).
+    pub fn new(stream: S, store: &'a Store, ident: Arc<Identity>, can_map: bool) -> Self {
         Session {
             stream,
             store,
@@ -67,6 +75,9 @@ impl<'a, S: AsFd> Session<'a, S> {
             },
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             out: OutQueue::new(),
+            can_map,
+            arena: None,
+            map_reply: None,
         }
     }
 
@@ -90,7 +101,15 @@ impl<'a, S: AsFd> Session<'a, S> {
                 len: header.len,
                 limit: self.limits.max_value,
             })?;
-            let payload = if len >= OWN_BUFFER_AT {
+            let arena = self.arena_for(&header);
+            let mut placed = None;
+            let payload = if let Some(mut buf) = arena.as_ref().and_then(|a| a.alloc(len)) {
+                self.rbuf.advance(REQUEST_HEADER_LEN);
+                self.read_into(buf.bytes_mut())?;
+                let (bytes, p) = buf.publish();
+                placed = Some(p);
+                bytes
+            } else if len >= OWN_BUFFER_AT {
                 self.rbuf.advance(REQUEST_HEADER_LEN);
                 self.read_own(len)?
             } else {
@@ -104,11 +123,63 @@ impl<'a, S: AsFd> Session<'a, S> {
                 self.rbuf.advance(len);
                 p
             };
-            self.handle(header, payload);
+            self.handle(header, payload, placed);
+            if let Some(reply) = self.map_reply.take() {
+                self.send_map_reply(&reply)?;
+            }
             if self.out.len() >= MAX_QUEUED {
                 self.flush()?;
             }
         }
+    }
+
+    /// The arena a PUT's payload goes to: this connection mapped one and the pool is
+    /// a private pool of its own identity.
+    fn arena_for(&self, h: &RequestHeader) -> Option<Arc<Arena>> {
+        let arena = self.arena.as_ref()?;
+        if h.op != Op::Put || h.version != VERSION {
+            return None;
+        }
+        let pool = self.ident.pool(h.pool)?;
+        Arc::ptr_eq(&pool.account, &self.ident).then(|| Arc::clone(arena))
+    }
+
+    /// Fills `dst` with the next payload bytes: what is buffered, then straight from the socket.
+    fn read_into(&mut self, dst: &mut [u8]) -> Result<(), SessionError> {
+        let have = dst.len().min(self.rbuf.len());
+        dst[..have].copy_from_slice(&self.rbuf[..have]);
+        self.rbuf.advance(have);
+        let mut got = have;
+        if got < dst.len() {
+            self.flush()?;
+        }
+        while got < dst.len() {
+            match nix::unistd::read(self.stream.as_fd().as_raw_fd(), &mut dst[got..]) {
+                Ok(0) => return Err(SessionError::Truncated(REQUEST_HEADER_LEN + got)),
+                Ok(n) => got += n,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(SessionError::Io(e.into())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the queued replies, then the MAP reply with the arena's descriptor.
+    fn send_map_reply(&mut self, reply: &[u8]) -> Result<(), SessionError> {
+        self.flush()?;
+        let Some(arena) = self.arena.clone() else {
+            return Ok(());
+        };
+        let fd = self.stream.as_fd();
+        let mut sent = sys::send_with_fd(fd, reply, arena.fd())?;
+        while sent < reply.len() {
+            match nix::unistd::write(fd, &reply[sent..]) {
+                Ok(n) => sent += n,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(SessionError::Io(e.into())),
+            }
+        }
+        Ok(())
     }
 
     /// Reads a payload of `len` bytes into a buffer of its own.
@@ -163,7 +234,7 @@ impl<'a, S: AsFd> Session<'a, S> {
         self.reply(h, status, Bytes::new());
     }
 
-    fn handle(&mut self, h: RequestHeader, payload: Bytes) {
+    fn handle(&mut self, h: RequestHeader, payload: Bytes, placed: Option<Placement>) {
         if h.op == Op::Hello {
             return self.hello(&h, &payload);
         }
@@ -174,6 +245,7 @@ impl<'a, S: AsFd> Session<'a, S> {
         match h.op {
             Op::Hello => {}
             Op::Ping => self.status(&h, Status::Ok),
+            Op::Map => self.map(&h),
             Op::Stats => {
                 let s = store.stats(&self.ident).encode();
                 self.reply(&h, Status::Ok, Bytes::copy_from_slice(&s));
@@ -205,7 +277,12 @@ impl<'a, S: AsFd> Session<'a, S> {
                 };
                 let ident = &self.ident;
                 let status = match h.op {
-                    Op::Put => store.put(ident, &pool, h.key, payload),
+                    Op::Put => match (store.put(ident, &pool, h.key, payload), placed) {
+                        (Status::Ok, Some(p)) => {
+                            return self.reply(&h, Status::Ok, Bytes::copy_from_slice(&p.encode()))
+                        }
+                        (s, _) => s,
+                    },
                     Op::Get => match store.get(ident, &pool, h.key) {
                         Ok(v) => return self.reply(&h, Status::Ok, v),
                         Err(s) => s,
@@ -222,6 +299,26 @@ impl<'a, S: AsFd> Session<'a, S> {
         }
     }
 
+    fn map(&mut self, h: &RequestHeader) {
+        if !self.can_map {
+            return self.status(h, Status::Denied);
+        }
+        let arena = match self.store.arena(&self.ident) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(identity = %self.ident.name(), "cannot make the value arena: {e}");
+                return self.status(h, Status::NoSpace);
+            }
+        };
+        let payload = MapReply { len: arena.len() }.encode();
+        let mut r = ReplyHeader::new(h.op, h.id, Status::Ok);
+        r.len = payload.len() as u64;
+        let mut bytes = r.encode().to_vec();
+        bytes.extend_from_slice(&payload);
+        self.arena = Some(arena);
+        self.map_reply = Some(bytes);
+    }
+
     fn hello(&mut self, h: &RequestHeader, payload: &[u8]) {
         let status = match HelloRequest::decode(payload) {
             Err(_) => Status::BadRequest,
@@ -229,7 +326,10 @@ impl<'a, S: AsFd> Session<'a, S> {
             Ok(_) => {
                 let r = HelloReply {
                     version: VERSION,
-                    capabilities: CAP_COPY | CAP_SHARED | CAP_EPHEMERAL,
+                    capabilities: CAP_COPY
+                        | CAP_SHARED
+                        | CAP_EPHEMERAL
+                        | if self.can_map { CAP_MAP } else { 0 },
                     max_value: self.limits.max_value,
                     quota: self.ident.quota(),
                     identity: self.ident.name().to_owned(),

@@ -49,6 +49,8 @@ pub struct Identity {
     pub(crate) dropped: AtomicBool,
     connections: AtomicUsize,
     last_seen: Mutex<Instant>,
+    /// The value arena its local clients map, made on the first MAP.
+    pub(crate) arena: Mutex<Option<Arc<super::Arena>>>,
 }
 
 impl Identity {
@@ -63,6 +65,7 @@ impl Identity {
             dropped: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
             last_seen: Mutex::new(Instant::now()),
+            arena: Mutex::new(None),
         }
     }
 

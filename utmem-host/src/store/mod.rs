@@ -7,12 +7,14 @@
 //! byte accounting is lock-free (atomic reservations against the quota and
 //! the capacity). No operation holds two pool locks at once.
 
+mod arena;
 mod eviction;
 mod identity;
 mod policy;
 mod pool;
 mod snapshot;
 
+pub use arena::{extent_len, Arena, ArenaBuf};
 pub use eviction::{EvictionPolicy, Lru};
 pub use identity::Identity;
 pub use policy::{Policy, SharedGrant};
@@ -106,6 +108,24 @@ impl Store {
         for (name, ident) in read(&self.identities).iter() {
             ident.quota.store(self.quota_for(name), Relaxed);
         }
+    }
+
+    /// The arena of `ident`, made on first use: twice what the identity may hold
+    /// (its quota, or the host capacity if that is lower), so fragmentation never
+    /// makes it the limit; a PUT that finds no room in it is kept in ordinary memory.
+    pub fn arena(&self, ident: &Identity) -> std::io::Result<Arc<Arena>> {
+        let mut slot = lock(&ident.arena);
+        if let Some(a) = slot.as_ref() {
+            return Ok(Arc::clone(a));
+        }
+        let len = ident
+            .quota()
+            .min(self.capacity)
+            .saturating_mul(2)
+            .min(1 << 40);
+        let a = Arena::new(&ident.name, len)?;
+        *slot = Some(Arc::clone(&a));
+        Ok(a)
     }
 
     /// Opens a pool for `caller`: the same name (or uuid) gives the same pool again.

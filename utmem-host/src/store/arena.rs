@@ -1,0 +1,356 @@
+//! The value arena: one memfd per identity that local clients map read-only, so a
+//! GET of a value placed there is a memory copy in the guest instead of a round trip.
+//!
+//! Layout: each value takes an extent of `ARENA_HEADER_LEN + len` bytes rounded up
+//! to `ARENA_ALIGN`; the header holds the value's stamp (u64) and length (u64).
+//! The stamp is written last, after the bytes (release), and cleared first, before
+//! the extent goes back to the free list, and no stamp is ever issued twice. A
+//! reader that sees the same stamp before and after copying (a seqlock with a
+//! one-way version) therefore copied exactly the value the PUT stored; any other
+//! outcome tells it to ask over the socket instead.
+//!
+//! The store keeps arena values as ordinary [`Bytes`] (`Bytes::from_owner`): the
+//! extent is released when the last reference goes, so a socket GET in the middle
+//! of a writev keeps the bytes alive. Free space is tracked with a best-fit map
+//! that coalesces neighbours; freed pages go back to the kernel (punched holes) in
+//! batches, so the host's memory follows what the arena holds. The file is sealed
+//! against shrinking and growing: a client cannot make the host fault.
+
+// Offsets are u64 on the wire and usize in memory; every offset cast here was
+// checked to lie inside a mapping, whose length is a usize.
+#![allow(clippy::cast_possible_truncation)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::hash::{BuildHasher, Hasher};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use utmem_proto::{Placement, ARENA_ALIGN, ARENA_HEADER_LEN};
+use utmem_sys::Mmap;
+
+use super::lock;
+
+/// Free ranges at least this long get their pages punched when the arena trims.
+const PUNCH_MIN: u64 = 64 << 10;
+const PAGE: u64 = 4096;
+
+/// An identity's arena.
+#[derive(Debug)]
+pub struct Arena {
+    file: File,
+    map: Mmap,
+    len: u64,
+    next_stamp: AtomicU64,
+    free: Mutex<FreeMap>,
+}
+
+#[derive(Debug, Default)]
+struct FreeMap {
+    by_off: BTreeMap<u64, u64>,
+    by_len: BTreeSet<(u64, u64)>,
+    /// Bytes freed since the last trim.
+    dirty: u64,
+    /// Trim once `dirty` reaches this.
+    trim_at: u64,
+}
+
+impl FreeMap {
+    fn insert(&mut self, off: u64, len: u64) {
+        self.by_off.insert(off, len);
+        self.by_len.insert((len, off));
+    }
+
+    fn remove(&mut self, off: u64, len: u64) {
+        self.by_off.remove(&off);
+        self.by_len.remove(&(len, off));
+    }
+
+    /// Best fit: the shortest free range that holds `len`.
+    fn take(&mut self, len: u64) -> Option<u64> {
+        let &(have, off) = self.by_len.range((len, 0)..).next()?;
+        self.remove(off, have);
+        if have > len {
+            self.insert(off + len, have - len);
+        }
+        Some(off)
+    }
+
+    /// Returns a range, merged with free neighbours; the merged range.
+    fn give(&mut self, mut off: u64, mut len: u64) -> (u64, u64) {
+        if let Some((&p, &plen)) = self.by_off.range(..off).next_back() {
+            if p + plen == off {
+                self.remove(p, plen);
+                off = p;
+                len += plen;
+            }
+        }
+        if let Some(&nlen) = self.by_off.get(&(off + len)) {
+            self.remove(off + len, nlen);
+            len += nlen;
+        }
+        self.insert(off, len);
+        (off, len)
+    }
+}
+
+/// Extent size of a value of `len` bytes.
+pub fn extent_len(len: u64) -> u64 {
+    (ARENA_HEADER_LEN + len).div_ceil(ARENA_ALIGN) * ARENA_ALIGN
+}
+
+impl Arena {
+    /// A new arena of `len` bytes (rounded up to a power of two, as a PCI BAR
+    /// exposing it to a VM would need). Pages are allocated only when written.
+    pub fn new(name: &str, len: u64) -> io::Result<Arc<Arena>> {
+        let len = len.max(1 << 20).next_power_of_two();
+        let cname = std::ffi::CString::new(format!("utmem-arena-{name}"))
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in identity"))?;
+        // SAFETY: memfd_create reads a NUL-terminated name and returns a new descriptor.
+        let fd = unsafe {
+            libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        file.set_len(len)?;
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: fcntl on a descriptor we own; F_ADD_SEALS takes an int argument.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let size = usize::try_from(len).map_err(io::Error::other)?;
+        let map = Mmap::new(file.as_fd(), size, true)?;
+        let mut free = FreeMap {
+            trim_at: (len / 8).clamp(4 << 20, 64 << 20),
+            ..FreeMap::default()
+        };
+        free.insert(0, len);
+        // A random start (std's per-process random keys) keeps stamps of arenas from
+        // earlier host runs from matching this one's.
+        let seed = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        Ok(Arc::new(Arena {
+            file,
+            map,
+            len,
+            next_stamp: AtomicU64::new(seed | 1),
+            free: Mutex::new(free),
+        }))
+    }
+
+    /// Bytes a client maps.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Never true: an arena has at least one page.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The memfd a client maps.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    /// Room for a value of `len` bytes; `None` if the arena has no free range that long.
+    pub fn alloc(self: &Arc<Self>, len: usize) -> Option<ArenaBuf> {
+        let ext = extent_len(len as u64);
+        let off = lock(&self.free).take(ext)?;
+        Some(ArenaBuf {
+            arena: Arc::clone(self),
+            off,
+            len,
+            stamp: 0,
+        })
+    }
+
+    /// The value `bytes`, copied into the arena; `None` if there is no room.
+    pub fn place(self: &Arc<Self>, bytes: &[u8]) -> Option<(Bytes, Placement)> {
+        let mut buf = self.alloc(bytes.len())?;
+        buf.bytes_mut().copy_from_slice(bytes);
+        Some(buf.publish())
+    }
+
+    fn stamp_cell(&self, off: u64) -> &AtomicU64 {
+        // SAFETY: `off` is the start of an extent inside the mapping (taken from the
+        // free map, which only holds ranges of it), aligned to 64 and the mapping to a
+        // page, so the u64 is in bounds and aligned. It is only accessed atomically,
+        // by us and by readers in other processes.
+        unsafe { AtomicU64::from_ptr(self.map.as_ptr().add(off as usize).cast::<u64>()) }
+    }
+
+    fn release(&self, off: u64, len: usize) {
+        // Clear the stamp before the extent can be handed out again.
+        self.stamp_cell(off).store(0, Ordering::Release);
+        let ext = extent_len(len as u64);
+        let mut free = lock(&self.free);
+        free.give(off, ext);
+        free.dirty += ext;
+        if free.dirty >= free.trim_at {
+            free.dirty = 0;
+            self.trim(&free);
+        }
+    }
+
+    /// Gives the pages of long free ranges back to the kernel.
+    fn trim(&self, free: &FreeMap) {
+        for (&off, &len) in free.by_off.iter() {
+            if len < PUNCH_MIN {
+                continue;
+            }
+            let start = off.div_ceil(PAGE) * PAGE;
+            let end = (off + len) / PAGE * PAGE;
+            if end <= start {
+                continue;
+            }
+            let (Ok(s), Ok(n)) = (i64::try_from(start), i64::try_from(end - start)) else {
+                continue;
+            };
+            let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            // SAFETY: fallocate on our own memfd; the range is free (no stamp, no
+            // value), so a concurrent reader can only see zeros and a stale stamp check.
+            if unsafe { libc::fallocate(self.file.as_raw_fd(), mode, s, n) } < 0 {
+                tracing::debug!("arena trim: {}", io::Error::last_os_error());
+                return;
+            }
+        }
+    }
+
+    /// Free bytes (for tests and stats).
+    pub fn free_bytes(&self) -> u64 {
+        lock(&self.free).by_off.values().sum()
+    }
+}
+
+/// One extent of an arena holding a value; the owner behind an arena `Bytes`.
+#[derive(Debug)]
+pub struct ArenaBuf {
+    arena: Arc<Arena>,
+    off: u64,
+    len: usize,
+    stamp: u64,
+}
+
+impl ArenaBuf {
+    fn data_ptr(&self) -> *mut u8 {
+        // SAFETY: the extent lies inside the mapping; the data follows the header.
+        unsafe {
+            self.arena
+                .map
+                .as_ptr()
+                .add(self.off as usize + ARENA_HEADER_LEN as usize)
+        }
+    }
+
+    /// The value's bytes, to be filled before [`ArenaBuf::publish`].
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: the extent is ours alone until released (the free map handed it
+        // out once); readers elsewhere only copy it after checking a stamp we have
+        // not written yet.
+        unsafe { std::slice::from_raw_parts_mut(self.data_ptr(), self.len) }
+    }
+
+    /// Writes the header (length, then a fresh stamp) and turns the extent into a value.
+    pub fn publish(mut self) -> (Bytes, Placement) {
+        let mut stamp = 0;
+        while stamp == 0 {
+            stamp = self.arena.next_stamp.fetch_add(1, Ordering::Relaxed);
+        }
+        let len_cell = self.off as usize + 8;
+        // SAFETY: the header's second u64 is inside our extent, 8-aligned.
+        unsafe {
+            self.arena
+                .map
+                .as_ptr()
+                .add(len_cell)
+                .cast::<u64>()
+                .write_volatile(self.len as u64)
+        };
+        self.arena
+            .stamp_cell(self.off)
+            .store(stamp, Ordering::Release);
+        self.stamp = stamp;
+        let p = Placement {
+            offset: self.off,
+            stamp,
+        };
+        (Bytes::from_owner(self), p)
+    }
+}
+
+impl AsRef<[u8]> for ArenaBuf {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: the extent is ours until drop; after publish nobody writes it.
+        unsafe { std::slice::from_raw_parts(self.data_ptr(), self.len) }
+    }
+}
+
+impl Drop for ArenaBuf {
+    fn drop(&mut self) {
+        self.arena.release(self.off, self.len);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp_at(a: &Arena, off: u64) -> u64 {
+        a.stamp_cell(off).load(Ordering::Acquire)
+    }
+
+    #[test]
+    fn place_release_and_coalesce() {
+        let a = Arena::new("t", 1 << 20).unwrap();
+        assert_eq!(a.len(), 1 << 20);
+        let (v1, p1) = a.place(b"hello").unwrap();
+        let (v2, p2) = a.place(&[7u8; 5000]).unwrap();
+        assert_eq!(&v1[..], b"hello");
+        assert_eq!(v2.len(), 5000);
+        assert_ne!(p1.stamp, p2.stamp);
+        assert_eq!(p1.offset % ARENA_ALIGN, 0);
+        assert_eq!(p2.offset % ARENA_ALIGN, 0);
+        assert_eq!(stamp_at(&a, p1.offset), p1.stamp);
+        let used = extent_len(5) + extent_len(5000);
+        assert_eq!(a.free_bytes(), a.len() - used);
+        let clone = v2.clone();
+        drop(v2);
+        assert_eq!(stamp_at(&a, p2.offset), p2.stamp, "a clone keeps it alive");
+        drop(clone);
+        assert_eq!(stamp_at(&a, p2.offset), 0, "stamp cleared on release");
+        drop(v1);
+        assert_eq!(a.free_bytes(), a.len());
+        assert_eq!(lock(&a.free).by_off.len(), 1, "coalesced into one range");
+    }
+
+    #[test]
+    fn full_arena_refuses_and_recovers() {
+        let a = Arena::new("t", 1 << 20).unwrap();
+        let mut held = Vec::new();
+        while let Some(v) = a.place(&[1u8; 60_000]) {
+            held.push(v);
+        }
+        assert!(held.len() >= 16);
+        assert!(a.place(&[1u8; 60_000]).is_none());
+        held.clear();
+        assert!(a.place(&vec![2u8; 900_000]).is_some());
+    }
+
+    #[test]
+    fn stamps_are_never_reused() {
+        let a = Arena::new("t", 1 << 20).unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            let (_v, p) = a.place(b"x").unwrap();
+            assert!(seen.insert(p.stamp));
+        }
+    }
+}
