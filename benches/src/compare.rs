@@ -25,6 +25,8 @@ pub struct Settings {
     pub min_requests: u64,
     /// Most requests per run.
     pub max_requests: u64,
+    /// Module options beyond transport and threshold.
+    pub module_options: Vec<(String, String)>,
 }
 
 impl Settings {
@@ -37,6 +39,7 @@ impl Settings {
             bytes_per_run: if quick { 192 << 20 } else { 1 << 30 },
             min_requests: if quick { 1500 } else { 5000 },
             max_requests: if quick { 15_000 } else { 100_000 },
+            module_options: Vec::new(),
         }
     }
 
@@ -105,6 +108,8 @@ pub struct Report {
     pub clients: usize,
     /// Rounds per size.
     pub rounds: usize,
+    /// Module options given beyond transport and threshold.
+    pub module_options: Vec<(String, String)>,
     /// Per size.
     pub sizes: Vec<SizeResult>,
 }
@@ -218,10 +223,9 @@ fn figures(runs: &[(Outcome, f64)]) -> OpFigures {
 pub fn run(s: &Settings, stop: &dyn Fn() -> bool) -> anyhow::Result<Report> {
     eprintln!("compare: starting utmem-hostd and redis-server");
     let daemon = Daemon::start(&["--capacity=8G"]);
-    let redis = Redis::start(
-        &["transport", &daemon.spec(), "threshold", "1024"],
-        &["--maxmemory", "0"],
-    );
+    let spec = daemon.spec();
+    let args = crate::module_args(&spec, &s.module_options);
+    let redis = Redis::start(&args, &["--maxmemory", "0"]);
     let addr: SocketAddr = format!("127.0.0.1:{}", redis.port).parse()?;
     let b = Bench {
         redis: &redis,
@@ -304,6 +308,7 @@ pub fn run(s: &Settings, stop: &dyn Fn() -> bool) -> anyhow::Result<Report> {
         redis: version,
         clients: s.clients,
         rounds: s.rounds,
+        module_options: s.module_options.clone(),
         sizes,
     })
 }

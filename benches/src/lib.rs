@@ -18,6 +18,17 @@ use utmem_host::config::ListenSpec;
 use utmem_host::server::{spawn_acceptor, Listener};
 use utmem_host::{Policy, Store};
 
+/// The module's load arguments for the benchmarks: the host at `spec`, values from
+/// 1 KiB offloaded, then `extra` (`set-ack local`, ...).
+pub fn module_args<'a>(spec: &'a str, extra: &'a [(String, String)]) -> Vec<&'a str> {
+    let mut args = vec!["transport", spec, "threshold", "1024"];
+    for (n, v) in extra {
+        args.push(n);
+        args.push(v);
+    }
+    args
+}
+
 /// A daemon serving on a temp socket for as long as the process lives.
 #[derive(Debug)]
 pub struct LocalHost {

@@ -27,6 +27,8 @@ pub struct Settings {
     pub clients: usize,
     /// Where the swap file goes if one is needed.
     pub swap_dir: PathBuf,
+    /// Module options beyond transport and threshold.
+    pub module_options: Vec<(String, String)>,
 }
 
 /// One (factor, kind) cell.
@@ -66,6 +68,8 @@ pub struct Report {
     pub rows: Vec<Row>,
     /// Set-up problems (the figures mean less for each).
     pub problems: Vec<String>,
+    /// Module options given beyond transport and threshold.
+    pub module_options: Vec<(String, String)>,
 }
 
 /// A memory cgroup, removed (its processes moved back to the root) on drop.
@@ -240,7 +244,9 @@ pub fn run(s: &Settings, stop: &dyn Fn() -> bool) -> anyhow::Result<Report> {
                 "pressure: {factor}x L = {values} values of {} B, {kind}",
                 s.value
             );
-            let redis = Redis::start(&["transport", &daemon.spec(), "threshold", "1024"], &[]);
+            let spec = daemon.spec();
+            let args = crate::module_args(&spec, &s.module_options);
+            let redis = Redis::start(&args, &[]);
             let cg = if root {
                 match Cgroup::create(s.limit).and_then(|cg| cg.add(redis.child.id()).map(|()| cg)) {
                     Ok(cg) => Some(cg),
@@ -273,6 +279,7 @@ pub fn run(s: &Settings, stop: &dyn Fn() -> bool) -> anyhow::Result<Report> {
     problems.dedup();
     Ok(Report {
         limit: s.limit,
+        module_options: s.module_options.clone(),
         rows,
         problems,
     })
@@ -284,8 +291,9 @@ pub fn markdown(r: &Report) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Redis in a memory cgroup of {} MiB with swap; 16 KiB values; 50 clients.\n",
-        r.limit >> 20
+        "Redis in a memory cgroup of {} MiB with swap; 16 KiB values; 50 clients; module options: {}.\n",
+        r.limit >> 20,
+        crate::report::options_text(&r.module_options)
     );
     let _ = writeln!(out, "| dataset | SET ops/s plain | UTMEM.SET | ratio | SET p99 plain | UTMEM.SET p99 | GET ops/s plain | UTMEM.GET | ratio | GET p99 plain | UTMEM.GET p99 |");
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");

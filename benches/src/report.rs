@@ -31,13 +31,28 @@ fn size_name(s: usize) -> String {
     }
 }
 
+/// Module options as they were given, or the defaults.
+pub fn options_text(o: &[(String, String)]) -> String {
+    if o.is_empty() {
+        return "defaults".into();
+    }
+    o.iter()
+        .map(|(n, v)| format!("{n} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Markdown: one table per size.
 pub fn markdown(r: &Report) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Machine: {}; Redis {}; {} clients; median of {} round(s) per figure.\n",
-        r.machine, r.redis, r.clients, r.rounds
+        "Machine: {}; Redis {}; {} clients; median of {} round(s) per figure; module options: {}.\n",
+        r.machine,
+        r.redis,
+        r.clients,
+        r.rounds,
+        options_text(&r.module_options)
     );
     for s in &r.sizes {
         let _ = writeln!(

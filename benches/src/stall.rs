@@ -42,6 +42,9 @@ pub fn run(waiting_clients: usize, n: usize) -> anyhow::Result<Report> {
             "1024",
             "timeout-ms",
             "30000",
+            // Over the socket: a mapped read would not wait for the stopped host at all.
+            "mapped-read-max",
+            "0",
         ],
         &[],
     );

@@ -25,6 +25,9 @@ pub static POOL: Mutex<String> = Mutex::new(String::new());
 /// What UTMEM.SET does when the host is unreachable.
 pub static ON_HOST_DOWN: Mutex<OnHostDown> = Mutex::new(OnHostDown::local);
 
+/// When UTMEM.SET replies.
+pub static SET_ACK: Mutex<SetAck> = Mutex::new(SetAck::host);
+
 /// The default transport.
 pub const DEFAULT_TRANSPORT: &str = "auto";
 
@@ -37,6 +40,23 @@ enum_configuration! {
         error = 1,
     }
 }
+
+mod set_ack {
+    use redis_module::enum_configuration;
+
+    enum_configuration! {
+        /// `host`: UTMEM.SET replies once the host stored the value (write-through);
+        /// `local`: at once, the PUT follows in the background (write-back), unless the
+        /// bytes waiting for the host would exceed `max-pending-bytes`.
+        #[allow(non_camel_case_types)]
+        #[derive(Debug, PartialEq, Eq)]
+        pub enum SetAck {
+            host = 0,
+            local = 1,
+        }
+    }
+}
+pub use set_ack::SetAck;
 
 /// A transport spec, checked when it is set.
 #[derive(Debug)]
@@ -94,7 +114,7 @@ pub fn mapped_read_max() -> usize {
 
 /// The options and their bounds, for messages.
 pub const OPTIONS: &str =
-    "transport, threshold, pool, timeout-ms, on-host-down, max-pending-bytes, mapped-read-max";
+    "transport, threshold, pool, timeout-ms, on-host-down, max-pending-bytes, mapped-read-max, set-ack";
 
 /// Bounds of the integer options.
 pub const THRESHOLD_MAX: i64 = 512 << 20;
@@ -141,6 +161,18 @@ pub fn apply_args(args: &[String]) -> Result<(), String> {
                 }
                 *POOL.lock().unwrap_or_else(PoisonError::into_inner) = v.to_owned();
             }
+            "set-ack" => {
+                let mode = match v.to_ascii_lowercase().as_str() {
+                    "host" => SetAck::host,
+                    "local" => SetAck::local,
+                    _ => {
+                        return Err(format!(
+                            "option set-ack: {v:?} is neither `host` nor `local`"
+                        ))
+                    }
+                };
+                *SET_ACK.lock().unwrap_or_else(PoisonError::into_inner) = mode;
+            }
             "on-host-down" => {
                 let mode = match v.to_ascii_lowercase().as_str() {
                     "local" => OnHostDown::local,
@@ -162,6 +194,17 @@ pub fn apply_args(args: &[String]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Whether a value of `len` bytes may be acknowledged before the host has it: `set-ack
+/// local`, and the bytes waiting for the host stay within `max-pending-bytes`.
+pub fn ack_locally(len: usize) -> bool {
+    if *SET_ACK.lock().unwrap_or_else(PoisonError::into_inner) != SetAck::local {
+        return false;
+    }
+    let cap = MAX_PENDING_BYTES.load(Relaxed);
+    let waiting = crate::stats().pending_bytes.load(Relaxed);
+    cap == 0 || waiting.saturating_add(i64::try_from(len).unwrap_or(i64::MAX)) <= cap
 }
 
 /// Whether a SET should fail when the host is down.

@@ -202,36 +202,22 @@ pub fn fetch_sync(slot: &Slot) -> Result<Bytes, Val> {
     }
 }
 
-thread_local! {
-    /// The main thread's buffer for values copied out of the arena, reused across reads.
-    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` on the bytes of `slot` copied out of the host's mapped arena into a
-/// reused buffer (no allocation, no round trip); `None` if the value is not in
-/// the arena, is longer than `max`, or was not there any more (counted).
+/// Runs `f` on the bytes of `slot` in place in the host's mapped arena (no copy, no
+/// round trip); `None` if the value is not in the arena, is longer than `max`, or
+/// was not there any more (counted).
 pub fn with_mapped<R>(slot: &Slot, max: usize, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
     if slot.len > max || !in_parent() {
         return None;
     }
     let at = slot.placement()?;
-    let client = &shared()?.client;
-    SCRATCH.with(|s| {
-        let mut buf = s.borrow_mut();
-        let stats = crate::stats();
-        if client.read_mapped(at, slot.len, &mut buf) {
-            Stats::bump(&stats.mapped_reads);
-            let r = f(&buf);
-            // Keep one large value's worth of memory at most.
-            if buf.capacity() > 4 << 20 {
-                *buf = Vec::new();
-            }
-            Some(r)
-        } else {
-            Stats::bump(&stats.mapped_fallbacks);
-            None
-        }
-    })
+    let stats = crate::stats();
+    let r = shared()?.client.with_mapped(at, slot.len, f);
+    Stats::bump(if r.is_some() {
+        &stats.mapped_reads
+    } else {
+        &stats.mapped_fallbacks
+    });
+    r
 }
 
 /// A value copied out of the host's mapped arena; `None` if it is not there (or

@@ -4,7 +4,7 @@
 use redis_module::configuration::ConfigurationFlags;
 use redis_module::redis_module;
 
-use crate::config::{self, OnHostDown};
+use crate::config::{self, OnHostDown, SetAck};
 use crate::datatype::UTMEM_TYPE;
 use redis_module::{Context, RedisString, RedisValue, Status};
 
@@ -140,6 +140,7 @@ redis_module! {
         bool: [],
         enum: [
             ["on-host-down", &config::ON_HOST_DOWN, OnHostDown::local, ConfigurationFlags::DEFAULT, None],
+            ["set-ack", &config::SET_ACK, SetAck::host, ConfigurationFlags::DEFAULT, None],
         ],
         module_args_as_configuration: false,
     ]

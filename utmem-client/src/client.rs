@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -119,7 +119,7 @@ struct Inner {
     state: Mutex<State>,
     closed: AtomicBool,
     /// The arena mapping of the current connection (dropped with the connection).
-    mapped: Mutex<Option<Mapped>>,
+    mapped: RwLock<Option<Mapped>>,
 }
 
 /// A connection to utmem-hostd, shared by any number of threads (clone it).
@@ -187,7 +187,7 @@ impl Client {
                 ..State::default()
             }),
             closed: AtomicBool::new(false),
-            mapped: Mutex::new(None),
+            mapped: RwLock::new(None),
         });
         let first = {
             let mut st = inner.lock();
@@ -221,16 +221,33 @@ impl Client {
         let m = self
             .inner()
             .mapped
-            .lock()
+            .read()
             .unwrap_or_else(PoisonError::into_inner);
         m.as_ref().is_some_and(|m| m.read_into(p, len, out))
+    }
+
+    /// Runs `f` on the value PUT placed at `p` (`len` bytes) in place in the mapped
+    /// arena, without a copy or a round trip; `None` if there is no mapping or the value
+    /// is not there any more. Keep `f` short: the host keeps the space while it runs.
+    pub fn with_mapped<R>(
+        &self,
+        p: Placement,
+        len: usize,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Option<R> {
+        let m = self
+            .inner()
+            .mapped
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        m.as_ref()?.with_value(p, len, f)
     }
 
     /// Whether values can be read from a mapped arena right now.
     pub fn is_mapped(&self) -> bool {
         self.inner()
             .mapped
-            .lock()
+            .read()
             .unwrap_or_else(PoisonError::into_inner)
             .is_some()
     }
@@ -617,7 +634,7 @@ impl Inner {
         if let Some(live) = st.conn.take() {
             live.stream.shutdown();
         }
-        *self.mapped.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        *self.mapped.write().unwrap_or_else(PoisonError::into_inner) = None;
         st.outq = OutQueue::new();
         st.inflight
             .extract_if(|_, p| p.gen == gen)
@@ -730,7 +747,7 @@ impl Inner {
             }
             _ => None,
         };
-        *self.mapped.lock().unwrap_or_else(PoisonError::into_inner) = mapped;
+        *self.mapped.write().unwrap_or_else(PoisonError::into_inner) = mapped;
         stream.set_read_timeout(None).map_err(io_err)?;
         let reader = stream.try_clone().map_err(io_err)?;
         st.gen += 1;
@@ -800,7 +817,7 @@ impl Inner {
                         // it later takes no page faults.
                         if let Some(m) = self
                             .mapped
-                            .lock()
+                            .read()
                             .unwrap_or_else(PoisonError::into_inner)
                             .as_ref()
                         {

@@ -2,10 +2,11 @@
 //!
 //! On connect, a client that asks for it sends MAP and receives the identity's
 //! arena memfd, which it maps read-only. PUT replies then say where each value
-//! was placed ([`Placement`]), and a GET of that value is a copy out of the
-//! mapping, checked with the value's stamp before and after (see `ARENA_HEADER_LEN`
-//! in utmem-proto): a value the host dropped, evicted or reused is never returned,
-//! the caller falls back to asking over the socket.
+//! was placed ([`Placement`]), and a GET of that value reads the mapping in place:
+//! the client makes its reader word odd, checks the value's stamp, uses the bytes and
+//! makes the word even (the host never reuses space a reader may be in; see
+//! [`Placement`]). A value the host dropped, evicted or replaced has no valid stamp
+//! and is never returned: the caller asks over the socket instead.
 
 // Offsets are u64 on the wire and usize in memory; every offset cast here was
 // checked to lie inside a mapping, whose length is a usize.
@@ -13,7 +14,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use utmem_proto::{
@@ -26,6 +27,8 @@ use utmem_sys::{self as sys, Mmap};
 #[derive(Debug)]
 pub struct Mapped {
     map: Mmap,
+    /// This connection's reader word (a page; the u64 at its start).
+    word: Mmap,
 }
 
 impl Mapped {
@@ -39,15 +42,15 @@ impl Mapped {
         }
         let mut buf = [0u8; REPLY_HEADER_LEN + MapReply::LEN];
         let mut got = 0;
-        let mut memfd: Option<OwnedFd> = None;
+        let mut fds: Vec<OwnedFd> = Vec::new();
         // The header alone first: a refusal has no payload (and no descriptor).
         let mut want = REPLY_HEADER_LEN;
         while got < want {
-            let (n, f) = sys::recv_with_fd(fd, &mut buf[got..want])?;
+            let (n, f) = sys::recv_with_fds(fd, &mut buf[got..want])?;
             if n == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
-            memfd = memfd.or(f);
+            fds.extend(f);
             got += n;
             if got == REPLY_HEADER_LEN {
                 let mut hb = [0u8; REPLY_HEADER_LEN];
@@ -62,55 +65,66 @@ impl Mapped {
         }
         let reply = MapReply::decode(&buf[REPLY_HEADER_LEN..])
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        let memfd = memfd.ok_or_else(|| io::Error::other("MAP reply came without a descriptor"))?;
+        let [arena, word] = <[OwnedFd; 2]>::try_from(fds).map_err(|f| {
+            io::Error::other(format!(
+                "MAP reply came with {} descriptors, not 2",
+                f.len()
+            ))
+        })?;
         let len = usize::try_from(reply.len).map_err(io::Error::other)?;
         Ok(Mapped {
-            map: Mmap::new(memfd.as_fd(), len, false)?,
+            map: Mmap::new(arena.as_fd(), len, false)?,
+            word: Mmap::new(word.as_fd(), 4096, true)?,
         })
     }
 
-    /// Copies the value placed at `p` (`len` bytes) into `out`; false if it is not
-    /// there any more (or never was): then `out` holds nothing meaningful.
-    pub fn read_into(&self, p: Placement, len: usize, out: &mut Vec<u8>) -> bool {
-        let Some(end) = p
+    fn word(&self) -> &AtomicU64 {
+        // SAFETY: a page-aligned shared page of our own; its first u64 is only
+        // accessed atomically (here and by the host).
+        unsafe { AtomicU64::from_ptr(self.word.as_ptr().cast::<u64>()) }
+    }
+
+    /// Runs `f` on the value placed at `p` (`len` bytes), in place in the mapping;
+    /// `None` if it is not there any more. The host does not reuse the bytes while `f`
+    /// runs, so keep `f` short (a copy into a reply).
+    pub fn with_value<R>(&self, p: Placement, len: usize, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        let end = p
             .offset
-            .checked_add(ARENA_HEADER_LEN)
-            .and_then(|o| o.checked_add(len as u64))
-        else {
-            return false;
-        };
+            .checked_add(ARENA_HEADER_LEN)?
+            .checked_add(len as u64)?;
         if end > self.map.len() as u64 || !p.offset.is_multiple_of(8) {
-            return false;
+            return None;
         }
         let base = self.map.as_ptr();
         let off = p.offset as usize;
+        let word = self.word();
+        word.fetch_add(1, Ordering::SeqCst);
         // SAFETY: `off` is 8-aligned and `off + 16 + len` is inside the mapping (checked
         // above); the stamp is only ever written atomically by the host.
         let stamp = unsafe { AtomicU64::from_ptr(base.add(off).cast::<u64>()) };
-        if stamp.load(Ordering::Acquire) != p.stamp {
-            return false;
-        }
-        // SAFETY: in bounds as above; a torn read is caught by the stamp check below.
-        let hlen = unsafe { base.add(off + 8).cast::<u64>().read_volatile() };
-        if hlen != len as u64 {
-            return false;
-        }
-        out.clear();
-        out.reserve(len);
-        // SAFETY: source: `len` bytes inside the mapping (checked above), written by
-        // the host before it published the stamp we saw, and possibly being rewritten
-        // if the host released the value since, which the second stamp check detects.
-        // Destination: `out` has capacity for `len` bytes and does not overlap.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                base.add(off + ARENA_HEADER_LEN as usize),
-                out.as_mut_ptr(),
-                len,
-            );
-            out.set_len(len);
-        }
-        fence(Ordering::Acquire);
-        stamp.load(Ordering::Relaxed) == p.stamp
+        // SAFETY: in bounds as above, written by the host before the stamp.
+        let ok = stamp.load(Ordering::SeqCst) == p.stamp
+            && unsafe { base.add(off + 8).cast::<u64>().read_volatile() } == len as u64;
+        let r =
+            ok.then(|| {
+                // SAFETY: `len` bytes inside the mapping, published with the stamp we just
+                // saw; our odd reader word keeps the host from reusing them until we are done.
+                f(unsafe {
+                    std::slice::from_raw_parts(base.add(off + ARENA_HEADER_LEN as usize), len)
+                })
+            });
+        word.fetch_add(1, Ordering::Release);
+        r
+    }
+
+    /// Copies the value placed at `p` (`len` bytes) into `out`; false if it is not
+    /// there any more (or never was).
+    pub fn read_into(&self, p: Placement, len: usize, out: &mut Vec<u8>) -> bool {
+        self.with_value(p, len, |b| {
+            out.clear();
+            out.extend_from_slice(b);
+        })
+        .is_some()
     }
 
     /// Maps the pages of the value placed at `p` into this process's page tables

@@ -430,3 +430,58 @@ fn named_listeners_do_not_map() {
     assert_eq!(c.hello().expect("hello").identity, "vm-a");
     drop(d);
 }
+
+/// Values read in place while another thread keeps replacing them: the host must
+/// never reuse space a reader is in, so every read sees one whole value.
+#[test]
+fn mapped_reads_never_see_reused_space() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    const LEN: usize = 20_000;
+    let d = Daemon::start(&[]);
+    let c = mapped_client(&spec(&d));
+    let pool = c.open("race").expect("pool");
+    let latest = Arc::new(Mutex::new([None; 4]));
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (c, latest, done) = (c.clone(), Arc::clone(&latest), Arc::clone(&done));
+        thread::spawn(move || {
+            for v in 0..3000u64 {
+                let k = (v % 4) as usize;
+                let fill = (v % 250) as u8 + 1;
+                let r = c.call(Request::Put {
+                    pool,
+                    key: Key::new(k as u64, 0),
+                    value: Bytes::from(vec![fill; LEN]),
+                });
+                let Ok(Response::Placed(at)) = r else {
+                    panic!("PUT answered {r:?}");
+                };
+                latest.lock().unwrap()[k] = Some((at, fill));
+            }
+            done.store(true, Ordering::Relaxed);
+        })
+    };
+    let (mut whole, mut gone) = (0u64, 0u64);
+    while !done.load(Ordering::Relaxed) {
+        for k in 0..4 {
+            let Some((at, fill)) = latest.lock().unwrap()[k] else {
+                continue;
+            };
+            // Hold the value a while, as a slow reader would: the writer goes on
+            // replacing values (and freeing their space) meanwhile.
+            let check = |b: &[u8]| {
+                thread::sleep(Duration::from_millis(1));
+                b.iter().all(|x| *x == fill)
+            };
+            match c.with_mapped(at, LEN, check) {
+                Some(true) => whole += 1,
+                Some(false) => panic!("key {k}: a mapped read saw bytes of another value"),
+                None => gone += 1,
+            }
+        }
+    }
+    writer.join().expect("writer");
+    eprintln!("{whole} whole reads, {gone} of values already replaced");
+    assert!(whole > 20, "too few reads overlapped the writes: {whole}");
+}

@@ -27,7 +27,9 @@ pub enum Op {
     /// No effect; measures a round trip.
     Ping = 10,
     /// Map the identity's value arena read-only (local Unix sockets only): the reply
-    /// carries a [`crate::MapReply`] and, as SCM_RIGHTS, the arena's memfd.
+    /// carries a [`crate::MapReply`] and, as SCM_RIGHTS, the arena's memfd and the
+    /// connection's reader word (a one-page memfd, mapped read-write; see
+    /// [`crate::Placement`]).
     Map = 11,
 }
 

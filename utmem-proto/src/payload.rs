@@ -227,11 +227,12 @@ impl CopyTarget {
 /// PUT reply payload on a mapped connection when the value went into the arena
 /// (16 bytes): where its header is and the stamp it carries while the value lives.
 ///
-/// A reader of the mapping checks the stamp at `offset`, copies the
-/// `len` value bytes that follow the [`ARENA_HEADER_LEN`]-byte header, and
-/// checks the stamp again: the host clears it before the space can be reused, and
-/// stamps are never reused, so equal stamps before and after mean the copy is the
-/// value that PUT stored.
+/// A reader of the mapping makes its reader word odd (an atomic increment), checks the
+/// stamp at `offset`, uses the `len` value bytes that follow the
+/// [`ARENA_HEADER_LEN`]-byte header in place, and makes the word even again. The host
+/// clears a stamp before the space can be reused, never reuses a stamp, and parks
+/// released space while a reader word that was odd at release has not moved on; so a
+/// matching stamp means the bytes are the value that PUT stored until the word moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Placement {
     /// Byte offset of the value's header in the arena.
@@ -268,7 +269,8 @@ impl Placement {
     }
 }
 
-/// MAP reply payload (8 bytes): the arena's length; its memfd comes as SCM_RIGHTS.
+/// MAP reply payload (8 bytes): the arena's length; its memfd and the reader word's
+/// memfd come as SCM_RIGHTS, in that order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MapReply {
     /// Bytes to map (the memfd's size; it never shrinks).

@@ -121,10 +121,14 @@ impl Drop for Mmap {
 }
 
 /// Sends `data` on a Unix stream socket with `pass` attached as SCM_RIGHTS. Returns
-/// the bytes sent (the descriptor travels with the first of them).
-pub fn send_with_fd(sock: BorrowedFd<'_>, data: &[u8], pass: BorrowedFd<'_>) -> io::Result<usize> {
+/// the bytes sent (the descriptors travel with the first of them).
+pub fn send_with_fds(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    pass: &[BorrowedFd<'_>],
+) -> io::Result<usize> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-    let fds = [pass.as_raw_fd()];
+    let fds: Vec<std::os::fd::RawFd> = pass.iter().map(|f| f.as_raw_fd()).collect();
     let iov = [IoSlice::new(data)];
     let cmsg = [ControlMessage::ScmRights(&fds)];
     loop {
@@ -137,14 +141,14 @@ pub fn send_with_fd(sock: BorrowedFd<'_>, data: &[u8], pass: BorrowedFd<'_>) -> 
 }
 
 /// Receives into `buf` from a Unix stream socket; returns the bytes read and the
-/// descriptor that came with them, if any (extra descriptors are closed).
-pub fn recv_with_fd(
+/// descriptors that came with them (at most four; more are cut off by the kernel).
+pub fn recv_with_fds(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
-) -> io::Result<(usize, Option<std::os::fd::OwnedFd>)> {
+) -> io::Result<(usize, Vec<std::os::fd::OwnedFd>)> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     use std::os::fd::FromRawFd;
-    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 2]);
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 4]);
     let mut iov = [io::IoSliceMut::new(buf)];
     let msg = loop {
         match recvmsg::<()>(
@@ -158,16 +162,13 @@ pub fn recv_with_fd(
             Err(e) => return Err(e.into()),
         }
     };
-    let mut got = None;
+    let mut got = Vec::new();
     for c in msg.cmsgs()? {
         if let ControlMessageOwned::ScmRights(fds) = c {
             for fd in fds {
                 // SAFETY: SCM_RIGHTS just installed `fd` in this process; nobody else
                 // owns it, so wrapping it gives it exactly one owner (closed on drop).
-                let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-                if got.is_none() {
-                    got = Some(owned);
-                }
+                got.push(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
             }
         }
     }

@@ -30,6 +30,9 @@ enum Command {
         /// Value sizes to run (bytes); default 1K 4K 16K 64K 256K 1M.
         #[arg(long, value_delimiter = ',')]
         sizes: Vec<usize>,
+        /// Extra module options, NAME=VALUE (repeatable), e.g. `set-ack=local`.
+        #[arg(long = "module-option", value_name = "NAME=VALUE")]
+        module_options: Vec<String>,
     },
     /// PING latency while utmem-hostd is stopped (SIGSTOP) and clients wait in UTMEM.GET.
     Stall {
@@ -53,6 +56,9 @@ enum Command {
         /// Where to write the JSON (and the swap file while it runs).
         #[arg(long, default_value = "target/utmem-bench")]
         out: PathBuf,
+        /// Extra module options, NAME=VALUE (repeatable), e.g. `set-ack=local`.
+        #[arg(long = "module-option", value_name = "NAME=VALUE")]
+        module_options: Vec<String>,
     },
 }
 
@@ -83,8 +89,17 @@ fn main() -> ExitCode {
             limit_mib,
             requests,
             out,
+            module_options,
         } => {
+            let module_options = match split_options(&module_options) {
+                Ok(o) => o,
+                Err(e) => {
+                    eprintln!("utmem-bench: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let s = utmem_benches::pressure::Settings {
+                module_options,
                 limit: limit_mib << 20,
                 factors: vec![0.5, 1.0, 1.5],
                 value: 16 << 10,
@@ -112,8 +127,20 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Compare { quick, out, sizes } => {
+        Command::Compare {
+            quick,
+            out,
+            sizes,
+            module_options,
+        } => {
             let mut s = compare::Settings::new(quick);
+            match split_options(&module_options) {
+                Ok(o) => s.module_options = o,
+                Err(e) => {
+                    eprintln!("utmem-bench: {e}");
+                    return ExitCode::from(2);
+                }
+            }
             if !sizes.is_empty() {
                 s.sizes = sizes;
             }
@@ -153,4 +180,15 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `NAME=VALUE` strings as (name, value) pairs.
+fn split_options(opts: &[String]) -> Result<Vec<(String, String)>, String> {
+    opts.iter()
+        .map(|o| {
+            o.split_once('=')
+                .map(|(n, v)| (n.to_owned(), v.to_owned()))
+                .ok_or_else(|| format!("--module-option {o:?}: expected NAME=VALUE"))
+        })
+        .collect()
 }

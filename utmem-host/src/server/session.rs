@@ -22,7 +22,7 @@ use utmem_proto::{
     REQUEST_HEADER_LEN, VERSION,
 };
 
-use crate::store::{Arena, Identity, Store};
+use crate::store::{Arena, Identity, ReaderWord, Store};
 use utmem_sys as sys;
 
 /// Payloads at least this long get their own buffer, filled straight from the socket.
@@ -58,6 +58,8 @@ pub struct Session<'a, S: AsFd> {
     can_map: bool,
     /// The arena this connection mapped: its PUTs of private pools go there.
     arena: Option<Arc<Arena>>,
+    /// The client's reader word for that arena.
+    reader: Option<Arc<ReaderWord>>,
     /// A MAP reply to send, with the arena's descriptor, after the queued replies.
     map_reply: Option<Vec<u8>>,
 }
@@ -77,6 +79,7 @@ impl<'a, S: AsFd> Session<'a, S> {
             out: OutQueue::new(),
             can_map,
             arena: None,
+            reader: None,
             map_reply: None,
         }
     }
@@ -167,11 +170,11 @@ impl<'a, S: AsFd> Session<'a, S> {
     /// Sends the queued replies, then the MAP reply with the arena's descriptor.
     fn send_map_reply(&mut self, reply: &[u8]) -> Result<(), SessionError> {
         self.flush()?;
-        let Some(arena) = self.arena.clone() else {
+        let (Some(arena), Some(reader)) = (self.arena.clone(), self.reader.clone()) else {
             return Ok(());
         };
         let fd = self.stream.as_fd();
-        let mut sent = sys::send_with_fd(fd, reply, arena.fd())?;
+        let mut sent = sys::send_with_fds(fd, reply, &[arena.fd(), reader.fd()])?;
         while sent < reply.len() {
             match nix::unistd::write(fd, &reply[sent..]) {
                 Ok(n) => sent += n,
@@ -303,7 +306,11 @@ impl<'a, S: AsFd> Session<'a, S> {
         if !self.can_map {
             return self.status(h, Status::Denied);
         }
-        let arena = match self.store.arena(&self.ident) {
+        let made = self
+            .store
+            .arena(&self.ident)
+            .and_then(|a| a.new_reader().map(|r| (a, r)));
+        let (arena, reader) = match made {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(identity = %self.ident.name(), "cannot make the value arena: {e}");
@@ -315,6 +322,9 @@ impl<'a, S: AsFd> Session<'a, S> {
         r.len = payload.len() as u64;
         let mut bytes = r.encode().to_vec();
         bytes.extend_from_slice(&payload);
+        if let Some(old) = self.reader.replace(reader) {
+            old.close();
+        }
         self.arena = Some(arena);
         self.map_reply = Some(bytes);
     }
@@ -343,5 +353,13 @@ impl<'a, S: AsFd> Session<'a, S> {
     /// The identity this session serves (it changes if the operator dropped the old one).
     pub fn identity(&self) -> &Arc<Identity> {
         &self.ident
+    }
+}
+
+impl<S: AsFd> Drop for Session<'_, S> {
+    fn drop(&mut self) {
+        if let Some(r) = &self.reader {
+            r.close();
+        }
     }
 }

@@ -9,6 +9,15 @@
 //! one-way version) therefore copied exactly the value the PUT stored; any other
 //! outcome tells it to ask over the socket instead.
 //!
+//! A reader may also use the bytes in place (Redis replies straight from the
+//! mapping, without copying them out first): each mapping connection gets a *reader
+//! word* (its own 8-byte memfd) that the reader makes odd while it touches values and
+//! even afterwards. Releasing a value clears its stamp and then looks at every reader
+//! word (both sequentially consistent, Dekker style): if one is odd, the extent is
+//! parked until that word has moved on, so bytes are never reused under a reader that
+//! saw a valid stamp. A reader that never moves on only keeps its own identity's
+//! freed space parked.
+//!
 //! The store keeps arena values as ordinary [`Bytes`] (`Bytes::from_owner`): the
 //! extent is released when the last reference goes, so a socket GET in the middle
 //! of a writev keeps the bytes alive. Free space is tracked with a best-fit map
@@ -25,7 +34,7 @@ use std::fs::File;
 use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -46,6 +55,72 @@ pub struct Arena {
     len: u64,
     next_stamp: AtomicU64,
     free: Mutex<FreeMap>,
+    readers: Mutex<Vec<Arc<ReaderWord>>>,
+}
+
+/// One mapping connection's reader word (see the module docs).
+#[derive(Debug)]
+pub struct ReaderWord {
+    file: File,
+    map: Mmap,
+    /// The connection ended: forget the word once it is even.
+    closed: AtomicBool,
+}
+
+impl ReaderWord {
+    fn word(&self) -> &AtomicU64 {
+        // SAFETY: the mapping is a page, page-aligned; its first u64 is only accessed
+        // atomically (by us and by the reader in the client process).
+        unsafe { AtomicU64::from_ptr(self.map.as_ptr().cast::<u64>()) }
+    }
+
+    /// The memfd the client maps read-write.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    /// The connection that owned it is gone.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A released extent that a reader may still be reading: the reader words that were
+/// odd at release, with the values they had.
+#[derive(Debug)]
+struct Parked {
+    off: u64,
+    len: u64,
+    busy: Vec<(Arc<ReaderWord>, u64)>,
+}
+
+impl Parked {
+    fn still_busy(&self) -> bool {
+        self.busy
+            .iter()
+            .any(|(r, v)| r.word().load(Ordering::SeqCst) == *v)
+    }
+}
+
+fn memfd(name: &str, len: u64) -> io::Result<File> {
+    let cname = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a name"))?;
+    // SAFETY: memfd_create reads a NUL-terminated name and returns a new descriptor.
+    let fd =
+        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    file.set_len(len)?;
+    // Sealed against shrinking: a client that truncated it would make us fault.
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on a descriptor we own; F_ADD_SEALS takes an int argument.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
 }
 
 #[derive(Debug, Default)]
@@ -54,6 +129,8 @@ struct FreeMap {
     by_len: BTreeSet<(u64, u64)>,
     /// Bytes freed since the last trim.
     dirty: u64,
+    /// Released extents a reader may still be reading.
+    parked: Vec<Parked>,
     /// Trim once `dirty` reaches this.
     trim_at: u64,
 }
@@ -107,23 +184,7 @@ impl Arena {
     /// exposing it to a VM would need). Pages are allocated only when written.
     pub fn new(name: &str, len: u64) -> io::Result<Arc<Arena>> {
         let len = len.max(1 << 20).next_power_of_two();
-        let cname = std::ffi::CString::new(format!("utmem-arena-{name}"))
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in identity"))?;
-        // SAFETY: memfd_create reads a NUL-terminated name and returns a new descriptor.
-        let fd = unsafe {
-            libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just created and is owned by nothing else.
-        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-        file.set_len(len)?;
-        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-        // SAFETY: fcntl on a descriptor we own; F_ADD_SEALS takes an int argument.
-        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let file = memfd(&format!("utmem-arena-{name}"), len)?;
         let size = usize::try_from(len).map_err(io::Error::other)?;
         let map = Mmap::new(file.as_fd(), size, true)?;
         let mut free = FreeMap {
@@ -142,7 +203,36 @@ impl Arena {
             len,
             next_stamp: AtomicU64::new(seed | 1),
             free: Mutex::new(free),
+            readers: Mutex::new(Vec::new()),
         }))
+    }
+
+    /// A new reader word for a connection that maps this arena.
+    pub fn new_reader(&self) -> io::Result<Arc<ReaderWord>> {
+        let file = memfd("utmem-reader", 4096)?;
+        let map = Mmap::new(file.as_fd(), 4096, true)?;
+        let r = Arc::new(ReaderWord {
+            file,
+            map,
+            closed: AtomicBool::new(false),
+        });
+        let mut readers = lock(&self.readers);
+        readers.retain(|r| {
+            !(r.closed.load(Ordering::Relaxed) && r.word().load(Ordering::SeqCst) % 2 == 0)
+        });
+        readers.push(Arc::clone(&r));
+        Ok(r)
+    }
+
+    /// Reader words that are odd now, with their values.
+    fn busy_readers(&self) -> Vec<(Arc<ReaderWord>, u64)> {
+        lock(&self.readers)
+            .iter()
+            .filter_map(|r| {
+                let v = r.word().load(Ordering::SeqCst);
+                (v % 2 == 1).then(|| (Arc::clone(r), v))
+            })
+            .collect()
     }
 
     /// Bytes a client maps.
@@ -163,7 +253,10 @@ impl Arena {
     /// Room for a value of `len` bytes; `None` if the arena has no free range that long.
     pub fn alloc(self: &Arc<Self>, len: usize) -> Option<ArenaBuf> {
         let ext = extent_len(len as u64);
-        let off = lock(&self.free).take(ext)?;
+        let mut free = lock(&self.free);
+        Self::unpark(&mut free);
+        let off = free.take(ext)?;
+        drop(free);
         Some(ArenaBuf {
             arena: Arc::clone(self),
             off,
@@ -188,15 +281,43 @@ impl Arena {
     }
 
     fn release(&self, off: u64, len: usize) {
-        // Clear the stamp before the extent can be handed out again.
-        self.stamp_cell(off).store(0, Ordering::Release);
+        // Clear the stamp before the extent can be handed out again, then see who may
+        // have read it before: both sequentially consistent, against the reader's
+        // word increment and stamp load.
+        self.stamp_cell(off).store(0, Ordering::SeqCst);
+        let busy = self.busy_readers();
         let ext = extent_len(len as u64);
         let mut free = lock(&self.free);
+        Self::unpark(&mut free);
+        if !busy.is_empty() {
+            free.parked.push(Parked {
+                off,
+                len: ext,
+                busy,
+            });
+            return;
+        }
         free.give(off, ext);
         free.dirty += ext;
         if free.dirty >= free.trim_at {
             free.dirty = 0;
             self.trim(&free);
+        }
+    }
+
+    /// Frees parked extents no reader can still be reading.
+    fn unpark(free: &mut FreeMap) {
+        if free.parked.is_empty() {
+            return;
+        }
+        let parked = std::mem::take(&mut free.parked);
+        for p in parked {
+            if p.still_busy() {
+                free.parked.push(p);
+            } else {
+                free.give(p.off, p.len);
+                free.dirty += p.len;
+            }
         }
     }
 
@@ -342,6 +463,24 @@ mod tests {
         assert!(a.place(&[1u8; 60_000]).is_none());
         held.clear();
         assert!(a.place(&vec![2u8; 900_000]).is_some());
+    }
+
+    #[test]
+    fn a_busy_reader_parks_released_extents() {
+        let a = Arena::new("t", 1 << 20).unwrap();
+        let r = a.new_reader().unwrap();
+        let (v, p) = a.place(&[5u8; 10_000]).unwrap();
+        r.word().fetch_add(1, Ordering::SeqCst); // a reader is inside
+        drop(v);
+        assert_eq!(stamp_at(&a, p.offset), 0, "stamp cleared at once");
+        let len = extent_len(10_000);
+        assert_eq!(a.free_bytes(), a.len() - len, "parked, not free");
+        let (w, _) = a.place(b"other").unwrap();
+        assert_eq!(a.free_bytes(), a.len() - len - extent_len(5));
+        r.word().fetch_add(1, Ordering::SeqCst); // the reader left
+        drop(w);
+        assert_eq!(a.free_bytes(), a.len(), "unparked once the reader moved on");
+        assert!(lock(&a.free).parked.is_empty());
     }
 
     #[test]

@@ -14,7 +14,7 @@ mod policy;
 mod pool;
 mod snapshot;
 
-pub use arena::{extent_len, Arena, ArenaBuf};
+pub use arena::{extent_len, Arena, ArenaBuf, ReaderWord};
 pub use eviction::{EvictionPolicy, Lru};
 pub use identity::Identity;
 pub use policy::{Policy, SharedGrant};
