@@ -108,8 +108,8 @@ fn put_into(g: &Gather, i: usize, slot: Arc<Slot>) {
 
 /// Sends the PUT now if the SET may be acknowledged before the host has the value
 /// (`set-ack local`, within `max-pending-bytes`); else gives the slot back to wait on.
-fn put_unless_acked_locally(slot: Arc<Slot>, len: usize) -> Option<Arc<Slot>> {
-    if !config::ack_locally(len) {
+fn put_unless_acked_locally(slot: Arc<Slot>) -> Option<Arc<Slot>> {
+    if !config::ack_locally() {
         return Some(slot);
     }
     io::send(Job::Put { slot, done: None });
@@ -260,7 +260,7 @@ pub fn set(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         None => (Some(Val::Ok), None),
     };
     // Write-back (`set-ack local`): the PUT goes on without anyone waiting for it.
-    let slot = slot.and_then(|s| put_unless_acked_locally(s, value.len()));
+    let slot = slot.and_then(put_unless_acked_locally);
     let parts = vec![p0, if slot.is_some() { None } else { Some(Val::Ok) }];
     let pending = Gather::start(ctx, parts, |mut v| v.remove(0));
     let g = pending.gather();
@@ -336,7 +336,7 @@ pub fn mset(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let mut slots = Vec::new();
     for (name, value) in &pairs {
         let key = Key::open(ctx, name);
-        if let Some(s) = store(&key, value).and_then(|s| put_unless_acked_locally(s, value.len())) {
+        if let Some(s) = store(&key, value).and_then(put_unless_acked_locally) {
             slots.push(s);
         }
         key.signal_modified(name);

@@ -196,15 +196,15 @@ pub fn apply_args(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-/// Whether a value of `len` bytes may be acknowledged before the host has it: `set-ack
-/// local`, and the bytes waiting for the host stay within `max-pending-bytes`.
-pub fn ack_locally(len: usize) -> bool {
+/// Whether a value just stored as pending may be acknowledged before the host has it:
+/// `set-ack local`, and the bytes waiting for the host (this value's included) stay
+/// within `max-pending-bytes`.
+pub fn ack_locally() -> bool {
     if *SET_ACK.lock().unwrap_or_else(PoisonError::into_inner) != SetAck::local {
         return false;
     }
     let cap = MAX_PENDING_BYTES.load(Relaxed);
-    let waiting = crate::stats().pending_bytes.load(Relaxed);
-    cap == 0 || waiting.saturating_add(i64::try_from(len).unwrap_or(i64::MAX)) <= cap
+    cap == 0 || crate::stats().pending_bytes.load(Relaxed) <= cap
 }
 
 /// Whether a SET should fail when the host is down.

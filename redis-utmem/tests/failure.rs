@@ -226,3 +226,72 @@ fn redis_answers_others_while_the_host_is_stopped() {
         }
     }
 }
+
+/// `set-ack local` (write-back): UTMEM.SET answers without waiting for the host, the
+/// value is readable at once and reaches the host later; beyond `max-pending-bytes`
+/// SETs wait for the host again, so Redis memory stays bounded.
+#[test]
+fn write_back_answers_at_once_and_offloads_later() {
+    let d = Daemon::start(&[]);
+    let r = Redis::start(
+        &[
+            "transport",
+            &d.spec(),
+            "threshold",
+            "1024",
+            "set-ack",
+            "local",
+            "max-pending-bytes",
+            "150000",
+            "timeout-ms",
+            "3000",
+        ],
+        &[],
+    );
+    let mut c = r.conn();
+    d.signal(Signal::SIGSTOP);
+    let v1 = pattern(1, 100_000);
+    let t0 = Instant::now();
+    let _: () = redis::cmd("UTMEM.SET")
+        .arg("k1")
+        .arg(&v1)
+        .query(&mut c)
+        .expect("set");
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    let got: Vec<u8> = redis::cmd("UTMEM.GET")
+        .arg("k1")
+        .query(&mut c)
+        .expect("get");
+    assert_eq!(got, v1, "readable from Redis while the PUT waits");
+    // 100 KB are waiting: another 100 KB would pass the cap, so this SET waits.
+    let waiter = {
+        let mut c = r.conn();
+        thread::spawn(move || {
+            let t0 = Instant::now();
+            let _: () = redis::cmd("UTMEM.SET")
+                .arg("k2")
+                .arg(pattern(2, 100_000))
+                .query(&mut c)
+                .expect("set over the cap");
+            t0.elapsed()
+        })
+    };
+    thread::sleep(Duration::from_millis(500));
+    assert!(
+        !waiter.is_finished(),
+        "a SET over max-pending-bytes waits for the host"
+    );
+    d.signal(Signal::SIGCONT);
+    let waited = waiter.join().expect("waiter");
+    assert!(waited >= Duration::from_millis(400), "{waited:?}");
+    let t0 = Instant::now();
+    while r.info("utmem", "utmem_offloaded_values") != "2" {
+        assert!(t0.elapsed() < Duration::from_secs(10), "never offloaded");
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(r.info("utmem", "utmem_pending"), "0");
+    for (k, v) in [("k1", v1), ("k2", pattern(2, 100_000))] {
+        let got: Vec<u8> = redis::cmd("UTMEM.GET").arg(k).query(&mut c).expect("get");
+        assert_eq!(got, v, "{k} from the host");
+    }
+}

@@ -27,6 +27,9 @@ use utmem_sys::{self as sys, Mmap};
 #[derive(Debug)]
 pub struct Mapped {
     map: Mmap,
+    /// Pages below this offset were populated before: space the host reuses is
+    /// already in our page tables (unless the host punched it since: a minor fault).
+    populated_to: AtomicU64,
     /// This connection's reader word (a page; the u64 at its start).
     word: Mmap,
 }
@@ -74,6 +77,7 @@ impl Mapped {
         let len = usize::try_from(reply.len).map_err(io::Error::other)?;
         Ok(Mapped {
             map: Mmap::new(arena.as_fd(), len, false)?,
+            populated_to: AtomicU64::new(0),
             word: Mmap::new(word.as_fd(), 4096, true)?,
         })
     }
@@ -128,14 +132,17 @@ impl Mapped {
     }
 
     /// Maps the pages of the value placed at `p` into this process's page tables
-    /// (MADV_POPULATE_READ), so that a later read takes no page faults. A hint: errors
-    /// (an older kernel, a bad placement) are ignored.
+    /// (MADV_POPULATE_READ), so that a later read takes no page faults; only pages
+    /// beyond what was populated before (the host reuses low space first), so a PUT
+    /// into reused space costs no system call. A hint: errors (an older kernel, a bad
+    /// placement) are ignored.
     pub fn populate(&self, p: Placement, len: u64) {
         let Some(end) = p.offset.checked_add(ARENA_HEADER_LEN + len) else {
             return;
         };
         let end = end.min(self.map.len() as u64);
-        let start = p.offset / 4096 * 4096;
+        let before = self.populated_to.fetch_max(end, Ordering::Relaxed);
+        let start = p.offset.max(before) / 4096 * 4096;
         if start >= end {
             return;
         }
