@@ -44,6 +44,8 @@ pub struct Cell {
     pub get_p99_us: u32,
     /// Error replies.
     pub errors: u64,
+    /// Why there are no figures (redis-server died, e.g. killed by the OOM killer).
+    pub failed: Option<String>,
 }
 
 /// One dataset size.
@@ -202,6 +204,7 @@ fn cell(
         get_ops: r.ops(),
         get_p99_us: r.pct(990),
         errors: w.errors + r.errors,
+        failed: None,
     })
 }
 
@@ -258,17 +261,42 @@ pub fn run(s: &Settings, stop: &dyn Fn() -> bool) -> anyhow::Result<Report> {
             } else {
                 None
             };
-            cells.push(cell(&redis, values, s, cmds, stop)?);
+            let mut redis = redis;
+            let c = match cell(&redis, values, s, cmds, stop) {
+                Ok(c) => c,
+                // Plain Redis swapping in a small cgroup may be OOM-killed: that is a
+                // result (it did not survive), not a reason to stop the experiment.
+                Err(e) if !redis.alive() => {
+                    let why = format!(
+                        "{kind} redis-server at {factor}x L died ({e}); the kernel log says why \
+                         (a memory cgroup OOM kill shows as `Memory cgroup out of memory`)"
+                    );
+                    eprintln!("pressure: {why}");
+                    problems.push(why.clone());
+                    Cell {
+                        set_ops: 0.0,
+                        set_p99_us: 0,
+                        get_ops: 0.0,
+                        get_p99_us: 0,
+                        errors: 0,
+                        failed: Some(why),
+                    }
+                }
+                Err(e) => return Err(e),
+            };
+            cells.push(c);
             drop(redis);
             drop(cg);
         }
         let utmem = cells.pop().unwrap_or_else(|| unreachable!());
         let plain = cells.pop().unwrap_or_else(|| unreachable!());
-        eprintln!(
-            "pressure: {factor}x L: GET {:.2}x, SET {:.2}x of plain",
-            utmem.get_ops / plain.get_ops.max(1e-9),
-            utmem.set_ops / plain.set_ops.max(1e-9)
-        );
+        if plain.failed.is_none() && utmem.failed.is_none() {
+            eprintln!(
+                "pressure: {factor}x L: GET {:.2}x, SET {:.2}x of plain",
+                utmem.get_ops / plain.get_ops.max(1e-9),
+                utmem.set_ops / plain.set_ops.max(1e-9)
+            );
+        }
         rows.push(Row {
             factor,
             values,
@@ -299,6 +327,23 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
     for row in &r.rows {
         let (p, u) = (&row.plain, &row.utmem);
+        if p.failed.is_some() || u.failed.is_some() {
+            let show = |c: &Cell, ops: f64| match c.failed {
+                Some(_) => "died".to_owned(),
+                None => format!("{ops:.0}"),
+            };
+            let _ = writeln!(
+                out,
+                "| {:.1}× L ({} values) | {} | {} | — | | | {} | {} | — | | |",
+                row.factor,
+                row.values,
+                show(p, p.set_ops),
+                show(u, u.set_ops),
+                show(p, p.get_ops),
+                show(u, u.get_ops)
+            );
+            continue;
+        }
         let _ = writeln!(
             out,
             "| {:.1}× L ({} values) | {:.0} | {:.0} | {:.2} | {} µs | {} µs | {:.0} | {:.0} | {:.2} | {} µs | {} µs |",
@@ -308,7 +353,7 @@ pub fn markdown(r: &Report) -> String {
         );
     }
     for p in &r.problems {
-        let _ = writeln!(out, "\nNot set up: {p}");
+        let _ = writeln!(out, "\nNote: {p}");
     }
     out
 }
