@@ -306,6 +306,10 @@ impl<'a, S: AsFd> Session<'a, S> {
         if !self.can_map {
             return self.status(h, Status::Denied);
         }
+        if self.reader.is_some() {
+            // Once per connection: each MAP would cost the host a descriptor and a page.
+            return self.status(h, Status::BadRequest);
+        }
         let made = self
             .store
             .arena(&self.ident)
@@ -322,9 +326,7 @@ impl<'a, S: AsFd> Session<'a, S> {
         r.len = payload.len() as u64;
         let mut bytes = r.encode().to_vec();
         bytes.extend_from_slice(&payload);
-        if let Some(old) = self.reader.replace(reader) {
-            old.close();
-        }
+        self.reader = Some(reader);
         self.arena = Some(arena);
         self.map_reply = Some(bytes);
     }

@@ -15,8 +15,9 @@
 //! even afterwards. Releasing a value clears its stamp and then looks at every reader
 //! word (both sequentially consistent, Dekker style): if one is odd, the extent is
 //! parked until that word has moved on, so bytes are never reused under a reader that
-//! saw a valid stamp. A reader that never moves on only keeps its own identity's
-//! freed space parked.
+//! saw a valid stamp. A reader that never moves on keeps only its own identity's
+//! freed space parked, and only while its connection lasts (plus a second's grace);
+//! a connection may MAP once.
 //!
 //! The store keeps arena values as ordinary [`Bytes`] (`Bytes::from_owner`): the
 //! extent is released when the last reference goes, so a socket GET in the middle
@@ -34,8 +35,9 @@ use std::fs::File;
 use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use utmem_proto::{Placement, ARENA_ALIGN, ARENA_HEADER_LEN};
@@ -63,9 +65,15 @@ pub struct Arena {
 pub struct ReaderWord {
     file: File,
     map: Mmap,
-    /// The connection ended: forget the word once it is even.
-    closed: AtomicBool,
+    /// When the connection ended: the word is forgotten once it is even, or after
+    /// [`CLOSED_GRACE`] whatever it says (a reader that is gone or misbehaves must not
+    /// pin space or descriptors for ever).
+    closed: Mutex<Option<Instant>>,
 }
+
+/// How long a reader word is honoured after its connection ended. A client drops its
+/// mapping when it sees the connection end, after the read in progress.
+const CLOSED_GRACE: Duration = Duration::from_secs(1);
 
 impl ReaderWord {
     fn word(&self) -> &AtomicU64 {
@@ -81,7 +89,22 @@ impl ReaderWord {
 
     /// The connection that owned it is gone.
     pub fn close(&self) {
-        self.closed.store(true, Ordering::Relaxed);
+        lock(&self.closed).get_or_insert_with(Instant::now);
+    }
+
+    /// Whether a reader behind this word may still be inside the value it was in when
+    /// the word read `v`.
+    fn still_at(&self, v: u64) -> bool {
+        self.word().load(Ordering::SeqCst) == v && !self.expired()
+    }
+
+    fn expired(&self) -> bool {
+        lock(&self.closed).is_some_and(|t| t.elapsed() >= CLOSED_GRACE)
+    }
+
+    fn forgettable(&self) -> bool {
+        lock(&self.closed).is_some()
+            && (self.word().load(Ordering::SeqCst) % 2 == 0 || self.expired())
     }
 }
 
@@ -96,9 +119,7 @@ struct Parked {
 
 impl Parked {
     fn still_busy(&self) -> bool {
-        self.busy
-            .iter()
-            .any(|(r, v)| r.word().load(Ordering::SeqCst) == *v)
+        self.busy.iter().any(|(r, v)| r.still_at(*v))
     }
 }
 
@@ -214,19 +235,19 @@ impl Arena {
         let r = Arc::new(ReaderWord {
             file,
             map,
-            closed: AtomicBool::new(false),
+            closed: Mutex::new(None),
         });
         let mut readers = lock(&self.readers);
-        readers.retain(|r| {
-            !(r.closed.load(Ordering::Relaxed) && r.word().load(Ordering::SeqCst) % 2 == 0)
-        });
+        readers.retain(|r| !r.forgettable());
         readers.push(Arc::clone(&r));
         Ok(r)
     }
 
     /// Reader words that are odd now, with their values.
     fn busy_readers(&self) -> Vec<(Arc<ReaderWord>, u64)> {
-        lock(&self.readers)
+        let mut readers = lock(&self.readers);
+        readers.retain(|r| !r.forgettable());
+        readers
             .iter()
             .filter_map(|r| {
                 let v = r.word().load(Ordering::SeqCst);
@@ -481,6 +502,22 @@ mod tests {
         drop(w);
         assert_eq!(a.free_bytes(), a.len(), "unparked once the reader moved on");
         assert!(lock(&a.free).parked.is_empty());
+    }
+
+    #[test]
+    fn a_gone_reader_stops_pinning_space_after_the_grace() {
+        let a = Arena::new("t", 1 << 20).unwrap();
+        let r = a.new_reader().unwrap();
+        r.word().fetch_add(1, Ordering::SeqCst); // inside, and then the connection ends
+        let (v, _) = a.place(&[1u8; 5000]).unwrap();
+        drop(v);
+        r.close();
+        assert!(a.free_bytes() < a.len(), "parked while within the grace");
+        std::thread::sleep(CLOSED_GRACE);
+        let (w, _) = a.place(b"x").unwrap();
+        drop(w);
+        assert_eq!(a.free_bytes(), a.len(), "freed after the grace");
+        assert!(lock(&a.readers).is_empty(), "and the word forgotten");
     }
 
     #[test]
