@@ -104,7 +104,7 @@ impl ReaderWord {
 
     fn forgettable(&self) -> bool {
         lock(&self.closed).is_some()
-            && (self.word().load(Ordering::SeqCst) % 2 == 0 || self.expired())
+            && (self.word().load(Ordering::SeqCst).is_multiple_of(2) || self.expired())
     }
 }
 
