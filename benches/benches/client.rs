@@ -3,6 +3,8 @@
 //! - `roundtrip_64B`: a 64-byte GET at 1 in flight vs a plain 64-byte Unix-socket
 //!   ping-pong (target: p50 within 1.5×).
 //! - `pipelined_4KiB`: GETs of 4 KiB at 1 and 64 in flight (target: ≥ 3× ops/s at 64).
+//! - `mapped_read`: reading a placed value in the mapped arena (what UTMEM.GET does over
+//!   a local socket) beside a socket GET of the same value and a memcpy of its size.
 
 use std::io::{Read, Write};
 use std::sync::mpsc;
@@ -12,7 +14,7 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use utmem_benches::{echo_pair, LocalHost};
 use utmem_client::proto::Key;
-use utmem_client::{Client, Options, Request};
+use utmem_client::{Client, Options, Request, Response};
 
 fn roundtrip(c: &mut Criterion) {
     let host = LocalHost::start(1 << 30);
@@ -85,5 +87,45 @@ fn run_closed_loop(client: &Client, pool: utmem_client::Pool, ops: u64, inflight
     t0.elapsed()
 }
 
-criterion_group!(benches, roundtrip, pipelined);
+fn mapped_read(c: &mut Criterion) {
+    let host = LocalHost::start(1 << 30);
+    let client = Client::connect(
+        &host.spec(),
+        Options {
+            map: true,
+            ..Options::default()
+        },
+    )
+    .expect("connect");
+    let pool = client.open("bench").expect("pool");
+    let mut g = c.benchmark_group("mapped_read");
+    for size in [4096usize, 65536] {
+        let value = Bytes::from(vec![3u8; size]);
+        let Ok(Response::Placed(at)) = client.call(Request::Put {
+            pool,
+            key: Key::new(size as u64, 0),
+            value: value.clone(),
+        }) else {
+            panic!("the value was not placed in the arena");
+        };
+        g.throughput(Throughput::Bytes(size as u64));
+        g.bench_with_input(BenchmarkId::new("in_place", size), &size, |b, &n| {
+            b.iter(|| client.with_mapped(at, n, |v| v[n - 1]).expect("mapped"))
+        });
+        let mut out = Vec::with_capacity(size);
+        g.bench_with_input(BenchmarkId::new("copy_out", size), &size, |b, &n| {
+            b.iter(|| assert!(client.read_mapped(at, n, &mut out)))
+        });
+        g.bench_with_input(BenchmarkId::new("socket_get", size), &size, |b, _| {
+            b.iter(|| client.get(pool, Key::new(size as u64, 0)).expect("get"))
+        });
+        let mut dst = vec![0u8; size];
+        g.bench_with_input(BenchmarkId::new("memcpy", size), &size, |b, _| {
+            b.iter(|| dst.copy_from_slice(&value))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, roundtrip, pipelined, mapped_read);
 criterion_main!(benches);
