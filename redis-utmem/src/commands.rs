@@ -40,12 +40,14 @@ enum Have {
     WrongType,
 }
 
-fn look(key: &Key) -> Have {
+/// `mapped_max`: values up to this long that sit in the mapped arena are copied
+/// from there (0: never; the caller tried that already).
+fn look(key: &Key, mapped_max: usize) -> Have {
     match key.kind() {
         KeyKind::Empty => Have::Missing,
         KeyKind::String => Have::Value(Val::Bulk(key.string().unwrap_or_default())),
         KeyKind::Ours => match key.stub() {
-            Some(Stub(slot)) => match slot.read_near(config::mapped_read_max()) {
+            Some(Stub(slot)) => match slot.read_near(mapped_max) {
                 Read::Here(b) => Have::Value(Val::Bulk(b)),
                 Read::Remote(crc) => Have::Fetch(Arc::clone(slot), crc),
                 Read::Lost => {
@@ -222,7 +224,11 @@ pub fn set(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     if o.get && kind == KeyKind::Other {
         return Err(RedisError::WrongType);
     }
-    let old = if o.get { Some(look(&key)) } else { None };
+    let old = if o.get {
+        Some(look(&key, config::mapped_read_max()))
+    } else {
+        None
+    };
     let exists = kind != KeyKind::Empty;
     if (o.nx && exists) || (o.xx && !exists) {
         return reply_one(ctx, old.unwrap_or(Have::Missing));
@@ -288,7 +294,8 @@ pub fn get(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
             return Ok(RedisValue::NoReply);
         }
     }
-    let have = look(&key);
+    // Not in the arena (or gone from it): the mapped read was tried above.
+    let have = look(&key, 0);
     drop(key);
     match have {
         Have::WrongType => Err(RedisError::WrongType),
@@ -309,7 +316,7 @@ pub fn mget(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let mut fetches = Vec::new();
     for (i, name) in args[1..].iter().enumerate() {
         let key = Key::open(ctx, name);
-        let (p, f) = part(look(&key));
+        let (p, f) = part(look(&key, config::mapped_read_max()));
         parts.push(p);
         if let Some(f) = f {
             fetches.push((i, f));
@@ -358,7 +365,7 @@ pub fn getdel(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     }
     let name = &args[1];
     let key = Key::open(ctx, name);
-    let have = look(&key);
+    let have = look(&key, config::mapped_read_max());
     match have {
         Have::WrongType => return Err(RedisError::WrongType),
         Have::Missing => {}

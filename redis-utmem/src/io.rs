@@ -205,10 +205,11 @@ pub fn fetch_sync(slot: &Slot) -> Result<Bytes, Val> {
 }
 
 /// Runs `f` on the bytes of `slot` in place in the host's mapped arena (no copy, no
-/// round trip); `None` if the value is not in the arena, is longer than `max`, or
-/// was not there any more (counted).
+/// round trip); `None` if the value is not in the arena, is longer than `max`, was
+/// not there any more (counted), or this is a fork child (which must not touch the
+/// parent's client).
 pub fn with_mapped<R>(slot: &Slot, max: usize, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
-    if slot.len > max || !in_parent() {
+    if max == 0 || slot.len > max || !in_parent() {
         return None;
     }
     let at = slot.placement()?;
@@ -220,19 +221,6 @@ pub fn with_mapped<R>(slot: &Slot, max: usize, f: impl FnOnce(&[u8]) -> R) -> Op
         &stats.mapped_fallbacks
     });
     r
-}
-
-/// A value copied out of the host's mapped arena; `None` if it is not there (or
-/// this is a fork child, which must not touch the parent's client).
-pub fn read_mapped(at: utmem_client::proto::Placement, len: usize) -> Option<Bytes> {
-    if !in_parent() {
-        return None;
-    }
-    let mut v = Vec::new();
-    shared()?
-        .client
-        .read_mapped(at, len, &mut v)
-        .then(|| Bytes::from(v))
 }
 
 fn check(slot: &Slot, crc: u32, v: Bytes) -> Result<Bytes, Val> {

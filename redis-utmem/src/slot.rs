@@ -119,22 +119,10 @@ impl Slot {
     /// Like [`Slot::read`], but a remote value of at most `mapped_max` bytes that
     /// sits in the mapped arena is copied from there (no round trip).
     pub fn read_near(&self, mapped_max: usize) -> Read {
-        let (crc, at) = match &*self.lock() {
-            State::Pending(b) | State::Local(b) => return Read::Here(b.clone()),
-            State::Remote { crc, at } => (*crc, *at),
-            State::Lost => return Read::Lost,
-        };
-        if let Some(p) = at.filter(|_| self.len <= mapped_max) {
-            let stats = crate::stats();
-            match crate::io::read_mapped(p, self.len) {
-                Some(b) => {
-                    Stats::bump(&stats.mapped_reads);
-                    return Read::Here(b);
-                }
-                None => Stats::bump(&stats.mapped_fallbacks),
-            }
+        match crate::io::with_mapped(self, mapped_max, Bytes::copy_from_slice) {
+            Some(b) => Read::Here(b),
+            None => self.read(),
         }
-        Read::Remote(crc)
     }
 
     /// The bytes to PUT, if this value still needs to go to the host (pending, or

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -218,12 +218,10 @@ impl Client {
     /// not a local socket, disconnected) or the value is not there any more: then
     /// ask with a GET.
     pub fn read_mapped(&self, p: Placement, len: usize, out: &mut Vec<u8>) -> bool {
-        let m = self
-            .inner()
-            .mapped
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        m.as_ref().is_some_and(|m| m.read_into(p, len, out))
+        self.inner()
+            .mapped()
+            .as_ref()
+            .is_some_and(|m| m.read_into(p, len, out))
     }
 
     /// Runs `f` on the value PUT placed at `p` (`len` bytes) in place in the mapped
@@ -235,21 +233,12 @@ impl Client {
         len: usize,
         f: impl FnOnce(&[u8]) -> R,
     ) -> Option<R> {
-        let m = self
-            .inner()
-            .mapped
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        m.as_ref()?.with_value(p, len, f)
+        self.inner().mapped().as_ref()?.with_value(p, len, f)
     }
 
     /// Whether values can be read from a mapped arena right now.
     pub fn is_mapped(&self) -> bool {
-        self.inner()
-            .mapped
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some()
+        self.inner().mapped().is_some()
     }
 
     /// Whether a connection is up right now.
@@ -502,6 +491,10 @@ fn lock_state(m: &Mutex<State>) -> MutexGuard<'_, State> {
 }
 
 impl Inner {
+    fn mapped(&self) -> RwLockReadGuard<'_, Option<Mapped>> {
+        self.mapped.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         lock_state(&self.state)
     }
@@ -815,12 +808,7 @@ impl Inner {
                     Ok(at) => {
                         // Map its pages here, off the caller's thread, so that reading
                         // it later takes no page faults.
-                        if let Some(m) = self
-                            .mapped
-                            .read()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .as_ref()
-                        {
+                        if let Some(m) = self.mapped().as_ref() {
                             m.populate(at, p.len);
                         }
                         Ok(Response::Placed(at))

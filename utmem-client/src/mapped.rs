@@ -12,11 +12,11 @@
 // checked to lie inside a mapping, whose length is a usize.
 #![allow(clippy::cast_possible_truncation)]
 
-use std::io;
+use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::Bytes;
 use utmem_proto::{
     Limits, MapReply, Op, Placement, ReplyHeader, RequestHeader, RequestId, Status,
     ARENA_HEADER_LEN, REPLY_HEADER_LEN,
@@ -36,13 +36,9 @@ pub struct Mapped {
 
 impl Mapped {
     /// Sends MAP on a socket nobody else reads yet and maps what comes back.
-    pub fn open(sock: impl AsFd, limits: &Limits) -> io::Result<Mapped> {
+    pub fn open(mut sock: &UnixStream, limits: &Limits) -> io::Result<Mapped> {
+        sock.write_all(&RequestHeader::new(Op::Map, RequestId(0)).encode())?;
         let fd = sock.as_fd();
-        let req = RequestHeader::new(Op::Map, RequestId(0)).encode();
-        let mut sent = 0;
-        while sent < req.len() {
-            sent += nix::unistd::write(fd, &req[sent..])?;
-        }
         let mut buf = [0u8; REPLY_HEADER_LEN + MapReply::LEN];
         let mut got = 0;
         let mut fds: Vec<OwnedFd> = Vec::new();
@@ -155,21 +151,5 @@ impl Mapped {
                 libc::MADV_POPULATE_READ,
             )
         };
-    }
-
-    /// The value placed at `p` as new `Bytes`, or `None` if it is not there any more.
-    pub fn read(&self, p: Placement, len: usize) -> Option<Bytes> {
-        let mut v = Vec::new();
-        self.read_into(p, len, &mut v).then(|| Bytes::from(v))
-    }
-
-    /// Bytes mapped.
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    /// Never true.
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
     }
 }

@@ -17,12 +17,12 @@ use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
 use utmem_proto::{
-    CopyTarget, DecodeError, HelloReply, HelloRequest, Limits, MapReply, NewPool, Op, OutQueue,
-    Placement, ReplyHeader, RequestHeader, Status, CAP_COPY, CAP_EPHEMERAL, CAP_MAP, CAP_SHARED,
-    REQUEST_HEADER_LEN, VERSION,
+    encode_reply, CopyTarget, DecodeError, HelloReply, HelloRequest, Limits, MapReply, NewPool, Op,
+    OutQueue, Placement, ReplyHeader, RequestHeader, Status, CAP_COPY, CAP_EPHEMERAL, CAP_MAP,
+    CAP_SHARED, REQUEST_HEADER_LEN, VERSION,
 };
 
-use crate::store::{Arena, Identity, ReaderWord, Store};
+use crate::store::{Arena, Identity, Pool, ReaderWord, Store};
 use utmem_sys as sys;
 
 /// Payloads at least this long get their own buffer, filled straight from the socket.
@@ -61,7 +61,7 @@ pub struct Session<'a, S: AsFd> {
     /// The client's reader word for that arena.
     reader: Option<Arc<ReaderWord>>,
     /// A MAP reply to send, with the arena's descriptor, after the queued replies.
-    map_reply: Option<Vec<u8>>,
+    map_reply: Option<Bytes>,
 }
 
 impl<'a, S: AsFd> Session<'a, S> {
@@ -104,7 +104,14 @@ impl<'a, S: AsFd> Session<'a, S> {
                 len: header.len,
                 limit: self.limits.max_value,
             })?;
-            let arena = self.arena_for(&header);
+            // Looked up once, here: the PUT's destination decides where its payload goes.
+            let pool = match header.op {
+                Op::Put | Op::Get | Op::Flush | Op::FlushObject | Op::Copy => {
+                    self.ident.pool(header.pool)
+                }
+                _ => None,
+            };
+            let arena = self.arena_for(&header, pool.as_ref());
             let mut placed = None;
             let payload = if let Some(mut buf) = arena.as_ref().and_then(|a| a.alloc(len)) {
                 self.rbuf.advance(REQUEST_HEADER_LEN);
@@ -126,7 +133,7 @@ impl<'a, S: AsFd> Session<'a, S> {
                 self.rbuf.advance(len);
                 p
             };
-            self.handle(header, payload, placed);
+            self.handle(header, payload, pool, placed);
             if let Some(reply) = self.map_reply.take() {
                 self.send_map_reply(&reply)?;
             }
@@ -138,13 +145,12 @@ impl<'a, S: AsFd> Session<'a, S> {
 
     /// The arena a PUT's payload goes to: this connection mapped one and the pool is
     /// a private pool of its own identity.
-    fn arena_for(&self, h: &RequestHeader) -> Option<Arc<Arena>> {
+    fn arena_for(&self, h: &RequestHeader, pool: Option<&Arc<Pool>>) -> Option<Arc<Arena>> {
         let arena = self.arena.as_ref()?;
         if h.op != Op::Put || h.version != VERSION {
             return None;
         }
-        let pool = self.ident.pool(h.pool)?;
-        Arc::ptr_eq(&pool.account, &self.ident).then(|| Arc::clone(arena))
+        Arc::ptr_eq(&pool?.account, &self.ident).then(|| Arc::clone(arena))
     }
 
     /// Fills `dst` with the next payload bytes: what is buffered, then straight from the socket.
@@ -176,10 +182,9 @@ impl<'a, S: AsFd> Session<'a, S> {
         let fd = self.stream.as_fd();
         let mut sent = sys::send_with_fds(fd, reply, &[arena.fd(), reader.fd()])?;
         while sent < reply.len() {
-            match nix::unistd::write(fd, &reply[sent..]) {
-                Ok(n) => sent += n,
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Err(SessionError::Io(e.into())),
+            match sys::writev(fd, &[io::IoSlice::new(&reply[sent..])])? {
+                0 => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+                n => sent += n,
             }
         }
         Ok(())
@@ -237,7 +242,13 @@ impl<'a, S: AsFd> Session<'a, S> {
         self.reply(h, status, Bytes::new());
     }
 
-    fn handle(&mut self, h: RequestHeader, payload: Bytes, placed: Option<Placement>) {
+    fn handle(
+        &mut self,
+        h: RequestHeader,
+        payload: Bytes,
+        pool: Option<Arc<Pool>>,
+        placed: Option<Placement>,
+    ) {
         if h.op == Op::Hello {
             return self.hello(&h, &payload);
         }
@@ -275,7 +286,7 @@ impl<'a, S: AsFd> Session<'a, S> {
                 self.status(&h, Status::Ok);
             }
             Op::Put | Op::Get | Op::Flush | Op::FlushObject | Op::Copy => {
-                let Some(pool) = self.ident.pool(h.pool) else {
+                let Some(pool) = pool else {
                     return self.status(&h, Status::UnknownPool);
                 };
                 let ident = &self.ident;
@@ -321,14 +332,12 @@ impl<'a, S: AsFd> Session<'a, S> {
                 return self.status(h, Status::NoSpace);
             }
         };
-        let payload = MapReply { len: arena.len() }.encode();
-        let mut r = ReplyHeader::new(h.op, h.id, Status::Ok);
-        r.len = payload.len() as u64;
-        let mut bytes = r.encode().to_vec();
-        bytes.extend_from_slice(&payload);
+        let mut bytes = BytesMut::new();
+        let r = ReplyHeader::new(h.op, h.id, Status::Ok);
+        encode_reply(&r, &MapReply { len: arena.len() }.encode(), &mut bytes);
         self.reader = Some(reader);
         self.arena = Some(arena);
-        self.map_reply = Some(bytes);
+        self.map_reply = Some(bytes.freeze());
     }
 
     fn hello(&mut self, h: &RequestHeader, payload: &[u8]) {

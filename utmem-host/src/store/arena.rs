@@ -177,8 +177,8 @@ impl FreeMap {
         Some(off)
     }
 
-    /// Returns a range, merged with free neighbours; the merged range.
-    fn give(&mut self, mut off: u64, mut len: u64) -> (u64, u64) {
+    /// Returns a range, merged with free neighbours.
+    fn give(&mut self, mut off: u64, mut len: u64) {
         if let Some((&p, &plen)) = self.by_off.range(..off).next_back() {
             if p + plen == off {
                 self.remove(p, plen);
@@ -191,7 +191,12 @@ impl FreeMap {
             len += nlen;
         }
         self.insert(off, len);
-        (off, len)
+    }
+
+    /// Gives back a released extent and counts it towards the next trim.
+    fn release(&mut self, off: u64, len: u64) {
+        self.give(off, len);
+        self.dirty += len;
     }
 }
 
@@ -286,13 +291,6 @@ impl Arena {
         })
     }
 
-    /// The value `bytes`, copied into the arena; `None` if there is no room.
-    pub fn place(self: &Arc<Self>, bytes: &[u8]) -> Option<(Bytes, Placement)> {
-        let mut buf = self.alloc(bytes.len())?;
-        buf.bytes_mut().copy_from_slice(bytes);
-        Some(buf.publish())
-    }
-
     fn stamp_cell(&self, off: u64) -> &AtomicU64 {
         // SAFETY: `off` is the start of an extent inside the mapping (taken from the
         // free map, which only holds ranges of it), aligned to 64 and the mapping to a
@@ -318,8 +316,7 @@ impl Arena {
             });
             return;
         }
-        free.give(off, ext);
-        free.dirty += ext;
+        free.release(off, ext);
         if free.dirty >= free.trim_at {
             free.dirty = 0;
             self.trim(&free);
@@ -336,8 +333,7 @@ impl Arena {
             if p.still_busy() {
                 free.parked.push(p);
             } else {
-                free.give(p.off, p.len);
-                free.dirty += p.len;
+                free.release(p.off, p.len);
             }
         }
     }
@@ -444,6 +440,15 @@ impl Drop for ArenaBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Arena {
+        /// The value `bytes`, copied into the arena; `None` if there is no room.
+        fn place(self: &Arc<Self>, bytes: &[u8]) -> Option<(Bytes, Placement)> {
+            let mut buf = self.alloc(bytes.len())?;
+            buf.bytes_mut().copy_from_slice(bytes);
+            Some(buf.publish())
+        }
+    }
 
     fn stamp_at(a: &Arena, off: u64) -> u64 {
         a.stamp_cell(off).load(Ordering::Acquire)
