@@ -50,13 +50,7 @@ fn look(key: &Key, mapped_max: usize) -> Have {
             Some(Stub(slot)) => match slot.read_near(mapped_max) {
                 Read::Here(b) => Have::Value(Val::Bulk(b)),
                 Read::Remote(crc) => Have::Fetch(Arc::clone(slot), crc),
-                Read::Lost => {
-                    Stats::bump(&crate::stats().lost_values);
-                    Have::Value(Val::Err(
-                        "UTMEMLOST this value could not be saved in the RDB it was loaded from"
-                            .into(),
-                    ))
-                }
+                Read::Lost => Have::Value(io::lost_err()),
             },
             None => Have::Missing,
         },
@@ -104,7 +98,9 @@ fn put_into(g: &Gather, i: usize, slot: Arc<Slot>) {
     let g = g.clone();
     io::send(Job::Put {
         slot,
-        done: Some(Box::new(move || g.set(i, Val::Ok))),
+        done: Some(Box::new(move |r| {
+            g.set(i, r.map_or_else(|e| e, |()| Val::Ok))
+        })),
     });
 }
 
@@ -118,77 +114,152 @@ fn put_unless_acked_locally(slot: Arc<Slot>) -> Option<Arc<Slot>> {
     None
 }
 
+/// SET's expiry options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expiry {
+    Ex,
+    Px,
+    ExAt,
+    PxAt,
+}
+
 #[derive(Debug, Default)]
 struct SetOpts {
     nx: bool,
     xx: bool,
     get: bool,
     keepttl: bool,
-    /// Absolute expiry in ms, and whether it came from a relative form (EX/PX).
+    /// Absolute expiry in Unix ms.
     at_ms: Option<i64>,
 }
 
-fn parse_set_opts(args: &[RedisString]) -> Result<SetOpts, RedisError> {
+/// Redis's `string2ll`: an optional `-`, then digits without a leading zero (or a
+/// lone `0`), within i64. No `+`, no spaces, no `-0`.
+pub fn parse_ll(s: &[u8]) -> Option<i64> {
+    let digits = s.strip_prefix(b"-").unwrap_or(s);
+    let ok = match digits {
+        [] => false,
+        [b'0'] => digits.len() == s.len(),
+        [first, ..] => (b'1'..=b'9').contains(first) && digits.iter().all(u8::is_ascii_digit),
+    };
+    if !ok {
+        return None;
+    }
+    std::str::from_utf8(s).ok()?.parse().ok()
+}
+
+/// Parses SET's options exactly as Redis 7.0 does (`parseExtendedStringArgumentsOrReply`
+/// and `getExpireMillisecondsOrReply`): a repeated option is allowed and the last
+/// expiry wins, conflicting ones are a syntax error, and only the expiry that wins
+/// is parsed as a number. `now` is read once.
+fn parse_set_opts(args: &[RedisString], now: i64) -> Result<SetOpts, RedisError> {
     let syntax = || RedisError::Str("ERR syntax error");
     let mut o = SetOpts::default();
+    let mut expiry: Option<(Expiry, &RedisString)> = None;
     let mut i = 0;
     while i < args.len() {
-        let a = args[i]
-            .try_as_str()
-            .map_err(|_| syntax())?
-            .to_ascii_uppercase();
-        let mut num = |scale: i64, relative: bool| -> Result<i64, RedisError> {
-            i += 1;
-            let v = args.get(i).ok_or_else(syntax)?;
-            let n: i64 =
-                v.try_as_str()
-                    .ok()
-                    .and_then(|s| s.parse().ok())
-                    .ok_or(RedisError::Str(
-                        "ERR value is not an integer or out of range",
-                    ))?;
-            let bad = || RedisError::Str("ERR invalid expire time in 'utmem.set' command");
-            if n <= 0 {
-                return Err(bad());
+        let a = args[i].as_slice().to_ascii_uppercase();
+        let next = args.get(i + 1);
+        let kind = expiry.map(|(k, _)| k);
+        let only = |k: Expiry| !o.keepttl && kind.is_none_or(|have| have == k);
+        match (a.as_slice(), next) {
+            (b"NX", _) if !o.xx => o.nx = true,
+            (b"XX", _) if !o.nx => o.xx = true,
+            (b"GET", _) => o.get = true,
+            (b"KEEPTTL", _) if kind.is_none() => o.keepttl = true,
+            (b"EX", Some(v)) if only(Expiry::Ex) => (expiry, i) = (Some((Expiry::Ex, v)), i + 1),
+            (b"PX", Some(v)) if only(Expiry::Px) => (expiry, i) = (Some((Expiry::Px, v)), i + 1),
+            (b"EXAT", Some(v)) if only(Expiry::ExAt) => {
+                (expiry, i) = (Some((Expiry::ExAt, v)), i + 1)
             }
-            let ms = n.checked_mul(scale).ok_or_else(bad)?;
-            if relative {
-                ms.checked_add(now_ms()).ok_or_else(bad)
-            } else {
-                Ok(ms)
+            (b"PXAT", Some(v)) if only(Expiry::PxAt) => {
+                (expiry, i) = (Some((Expiry::PxAt, v)), i + 1)
             }
-        };
-        let expire_set = o.at_ms.is_some() || o.keepttl;
-        match a.as_str() {
-            "NX" if !o.xx => o.nx = true,
-            "XX" if !o.nx => o.xx = true,
-            "GET" => o.get = true,
-            "KEEPTTL" if !expire_set => o.keepttl = true,
-            "EX" if !expire_set => o.at_ms = Some(num(1000, true)?),
-            "PX" if !expire_set => o.at_ms = Some(num(1, true)?),
-            "EXAT" if !expire_set => o.at_ms = Some(num(1000, false)?),
-            "PXAT" if !expire_set => o.at_ms = Some(num(1, false)?),
             _ => return Err(syntax()),
         }
         i += 1;
     }
+    if let Some((kind, v)) = expiry {
+        let n = parse_ll(v.as_slice()).ok_or(RedisError::Str(
+            "ERR value is not an integer or out of range",
+        ))?;
+        let bad = || RedisError::Str("ERR invalid expire time in 'utmem.set' command");
+        let seconds = matches!(kind, Expiry::Ex | Expiry::ExAt);
+        if n <= 0 || (seconds && n > i64::MAX / 1000) {
+            return Err(bad());
+        }
+        let ms = if seconds { n * 1000 } else { n };
+        let at = match kind {
+            Expiry::Ex | Expiry::Px => ms.checked_add(now).ok_or_else(bad)?,
+            Expiry::ExAt | Expiry::PxAt => ms,
+        };
+        o.at_ms = Some(at);
+    }
     Ok(o)
 }
 
-/// Stores `value` under an open key: inline below the threshold, else as a pending
-/// utmem value whose PUT the caller submits. Clears the TTL like SET.
-fn store(key: &Key, value: &RedisString) -> Option<Arc<Slot>> {
-    let bytes = value.as_slice();
-    if bytes.len() < config::threshold() {
-        key.set_string(value);
+/// How a value was stored.
+enum Stored {
+    /// As a plain string; `true` if a SET run for it fired the `set` event already.
+    Inline(bool),
+    /// As a utmem value whose PUT the caller submits.
+    Remote(Arc<Slot>),
+}
+
+/// Stores `value` under `name` the way SET does: inline below the threshold, else as a
+/// pending utmem value. A key that exists is overwritten in place where the module
+/// API allows it (no `new` event, like SET); the TTL is cleared unless `keep_ttl`.
+fn store(ctx: &Context, name: &RedisString, value: &RedisString, keep_ttl: bool) -> Stored {
+    let key = Key::open(ctx, name);
+    let kind = key.kind();
+    if value.len() < config::threshold() {
         Stats::bump(&crate::stats().inline_sets);
-        return None;
+        let done = match kind {
+            KeyKind::Empty => {
+                key.set_string(value);
+                true
+            }
+            KeyKind::String => key.overwrite_string(value.as_slice()),
+            KeyKind::Ours | KeyKind::Other => false,
+        };
+        if done {
+            if !keep_ttl && kind != KeyKind::Empty {
+                key.set_ttl_ms(None);
+            }
+            return Stored::Inline(false);
+        }
+        // Another type becomes a string: only SET itself replaces a key without
+        // deleting it first (and fires `set` itself).
+        drop(key);
+        let mut args: Vec<&RedisString> = vec![name, value];
+        let keep = RedisString::create(None, "KEEPTTL");
+        if keep_ttl {
+            args.push(&keep);
+        }
+        let _ = ctx.call("SET", &args[..]);
+        return Stored::Inline(true);
     }
     // No copy: the PUT is written from Redis's own argument string.
     let held = Bytes::from_owner(crate::raw::HeldArg::hold(value));
     let slot = Slot::pending(io::next_oid(), held);
-    key.set_stub(Stub(Arc::clone(&slot)));
-    Some(slot)
+    if !key.replace_stub(Stub(Arc::clone(&slot))) {
+        // Empty, or another type (Redis 7.0's module API deletes and re-adds it).
+        let ttl = if keep_ttl { key.abs_expire_ms() } else { None };
+        key.set_stub(Stub(Arc::clone(&slot)));
+        if let Some(at) = ttl {
+            key.set_abs_expire_ms(at);
+        }
+    } else if !keep_ttl {
+        key.set_ttl_ms(None);
+    }
+    Stored::Remote(slot)
+}
+
+/// Whether this SET must be answered before the host has the value: a client with
+/// CLIENT TRACKING gets the invalidation of an overwritten key after the command,
+/// so its reply must not wait (as with SET, the reply comes before the push).
+fn must_ack_now(ctx: &Context) -> bool {
+    crate::gather::mode(ctx) == crate::gather::Mode::Block && crate::raw::client_tracks(ctx)
 }
 
 /// With `on-host-down error`, refuse values that would go to an unreachable host.
@@ -196,19 +267,15 @@ fn store(key: &Key, value: &RedisString) -> Option<Arc<Slot>> {
 fn check_host_for(ctx: &Context, len: usize) -> Result<(), RedisError> {
     if len < config::threshold()
         || !config::error_when_down()
-        || io::connected()
+        || io::host_answers()
         || crate::gather::mode(ctx) == crate::gather::Mode::Detached
     {
         return Ok(());
     }
-    // Not connected: one attempt (a refused connect fails at once).
-    match io::shared().map(|s| s.client.ping()) {
-        Some(Ok(())) => Ok(()),
-        Some(Err(e)) => Err(RedisError::String(crate::raw::error_text(&format!(
-            "UTMEMDOWN {e}"
-        )))),
-        None => Err(RedisError::Str("UTMEMDOWN the module is not initialised")),
-    }
+    // Never a round trip here: the I/O thread finds out when the host is back.
+    Err(RedisError::Str(
+        "UTMEMDOWN the host is unreachable or did not answer in time (on-host-down error: nothing was changed)",
+    ))
 }
 
 /// UTMEM.SET key value [NX|XX] [GET] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL]
@@ -218,7 +285,8 @@ pub fn set(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         return Err(arity("utmem.set"));
     }
     let (name, value) = (&args[1], &args[2]);
-    let o = parse_set_opts(&args[3..])?;
+    let now = now_ms();
+    let o = parse_set_opts(&args[3..], now)?;
     let key = Key::open(ctx, name);
     let kind = key.kind();
     if o.get && kind == KeyKind::Other {
@@ -229,44 +297,57 @@ pub fn set(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     } else {
         None
     };
+    drop(key);
     let exists = kind != KeyKind::Empty;
     if (o.nx && exists) || (o.xx && !exists) {
         return reply_one(ctx, old.unwrap_or(Have::Missing));
     }
-    check_host_for(ctx, value.len())?;
-    let keep = if o.keepttl { key.ttl_ms() } else { None };
-    let slot = store(&key, value);
-    let mut repl: Vec<RedisString> = vec![name.clone(), value.clone()];
-    match o.at_ms {
-        Some(at) if at <= now_ms() => {
-            key.delete();
-            repl = Vec::new();
-            ctx.replicate("DEL", &[name][..]);
-        }
-        Some(at) => {
-            key.set_ttl_ms(Some(at - now_ms()));
-            repl.push(RedisString::create(None, "PXAT"));
-            repl.push(RedisString::create(None, at.to_string()));
-        }
-        None if o.keepttl => {
-            key.set_ttl_ms(keep);
-            repl.push(RedisString::create(None, "KEEPTTL"));
-        }
-        None => {}
+    if let Some(at) = o.at_ms.filter(|&at| at <= now) {
+        // Expired already: the server's own SET does what it does with that (Redis 7.0
+        // sets the key and it expires on its next access; later servers delete it).
+        // Nothing goes to the host.
+        let at = RedisString::create(None, at.to_string());
+        let pxat = RedisString::create(None, "PXAT");
+        let _ = ctx.call("SET", &[name, value, &pxat, &at][..]);
+        ctx.replicate("UTMEM.SET", &[name, value, &pxat, &at][..]);
+        return reply_one(ctx, old.unwrap_or(Have::Value(Val::Ok)));
     }
-    key.signal_modified(name);
-    ctx.notify_keyspace_event(NotifyEvent::STRING, "set", name);
-    if !repl.is_empty() {
-        let refs: Vec<&RedisString> = repl.iter().collect();
-        ctx.replicate("UTMEM.SET", &refs[..]);
+    check_host_for(ctx, value.len())?;
+    let stored = store(ctx, name, value, o.keepttl);
+    // SET's order: `set`, then `expire`; a SET run for us signalled and fired `set`.
+    let by_set = matches!(stored, Stored::Inline(true));
+    if !by_set {
+        ctx.notify_keyspace_event(NotifyEvent::STRING, "set", name);
+    }
+    let key = Key::open(ctx, name);
+    let mut repl: Vec<RedisString> = vec![name.clone(), value.clone()];
+    if let Some(at) = o.at_ms {
+        key.set_abs_expire_ms(at);
+        ctx.notify_keyspace_event(NotifyEvent::GENERIC, "expire", name);
+        repl.push(RedisString::create(None, "PXAT"));
+        repl.push(RedisString::create(None, at.to_string()));
+    } else if o.keepttl {
+        repl.push(RedisString::create(None, "KEEPTTL"));
+    }
+    if !by_set {
+        key.signal_modified(name);
     }
     drop(key);
+    let refs: Vec<&RedisString> = repl.iter().collect();
+    ctx.replicate("UTMEM.SET", &refs[..]);
     let (p0, fetch) = match old {
         Some(h) => part(h),
         None => (Some(Val::Ok), None),
     };
-    // Write-back (`set-ack local`): the PUT goes on without anyone waiting for it.
-    let slot = slot.and_then(put_unless_acked_locally);
+    let slot = match stored {
+        Stored::Remote(slot) if must_ack_now(ctx) => {
+            io::send(Job::Put { slot, done: None });
+            None
+        }
+        // Write-back (`set-ack local`): the PUT goes on without anyone waiting for it.
+        Stored::Remote(slot) => put_unless_acked_locally(slot),
+        Stored::Inline(_) => None,
+    };
     let parts = vec![p0, if slot.is_some() { None } else { Some(Val::Ok) }];
     let pending = Gather::start(ctx, parts, |mut v| v.remove(0));
     let g = pending.gather();
@@ -340,14 +421,23 @@ pub fn mset(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     for (_, v) in &pairs {
         check_host_for(ctx, v.len())?;
     }
+    let now = must_ack_now(ctx);
     let mut slots = Vec::new();
     for (name, value) in &pairs {
-        let key = Key::open(ctx, name);
-        if let Some(s) = store(&key, value).and_then(put_unless_acked_locally) {
-            slots.push(s);
+        let stored = store(ctx, name, value, false);
+        let by_set = matches!(stored, Stored::Inline(true));
+        match stored {
+            Stored::Remote(s) if now => io::send(Job::Put {
+                slot: s,
+                done: None,
+            }),
+            Stored::Remote(s) => slots.extend(put_unless_acked_locally(s)),
+            Stored::Inline(_) => {}
         }
-        key.signal_modified(name);
-        ctx.notify_keyspace_event(NotifyEvent::STRING, "set", name);
+        if !by_set {
+            ctx.notify_keyspace_event(NotifyEvent::STRING, "set", name);
+            Key::open(ctx, name).signal_modified(name);
+        }
     }
     ctx.replicate_verbatim();
     let parts = vec![None; slots.len()];
@@ -463,7 +553,10 @@ pub fn recall(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         Read::Here(b) => Ok(RedisValue::Integer(i64::from(recall_key(
             ctx, name, &slot, &b,
         )))),
-        Read::Lost => Err(RedisError::Str("UTMEMLOST this value is lost")),
+        Read::Lost => Err(RedisError::String(match io::lost_err() {
+            Val::Err(e) => e,
+            _ => "UTMEMLOST".into(),
+        })),
         Read::Remote(crc) => {
             let pending = Gather::start(ctx, vec![None], |mut v| v.remove(0));
             let g = pending.gather();
@@ -540,7 +633,7 @@ pub fn stats(_ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     }
     let mut out = Vec::new();
     for (k, v) in crate::info_fields() {
-        out.push(RedisValue::SimpleString(k.to_owned()));
+        out.push(RedisValue::SimpleString(format!("utmem_{k}")));
         out.push(RedisValue::BulkString(v));
     }
     Ok(RedisValue::Array(out))

@@ -30,8 +30,9 @@ pub enum Job {
     Put {
         /// The value.
         slot: Arc<Slot>,
-        /// Completion.
-        done: Option<Box<dyn FnOnce() + Send>>,
+        /// Completion: `Err(reply)` if the SET must fail (`on-host-down error` and the
+        /// host did not take the value; the value is kept in Redis all the same).
+        done: Option<PutDone>,
     },
     /// Fetch a remote value and check its CRC.
     Get {
@@ -55,6 +56,28 @@ pub enum Job {
     Fork(bool),
     /// Something changed; look at the waiting PUTs again.
     Wake,
+}
+
+/// What a waiting UTMEM.SET is told when its PUT is done.
+pub type PutDone = Box<dyn FnOnce(Result<(), Val>) + Send>;
+
+/// False from a request that found the host unreachable or timed out until the next
+/// request the host answers: while false, `on-host-down error` refuses at once.
+static HOST_ANSWERS: AtomicBool = AtomicBool::new(true);
+
+/// Whether the host answered the last requests (as far as the module knows, without I/O).
+pub fn host_answers() -> bool {
+    HOST_ANSWERS.load(Relaxed) && connected()
+}
+
+fn note_answer<T>(r: &Result<T, ClientError>) {
+    match r {
+        Ok(_) | Err(ClientError::Refused { .. }) => HOST_ANSWERS.store(true, Relaxed),
+        Err(ClientError::Timeout(_) | ClientError::Unreachable { .. }) => {
+            HOST_ANSWERS.store(false, Relaxed)
+        }
+        Err(_) => {}
+    }
 }
 
 /// Process-wide state of the loaded module.
@@ -197,8 +220,11 @@ pub fn fetch_sync(slot: &Slot) -> Result<Bytes, Val> {
             let (c, pool) = client_here().ok_or_else(|| down_err("module not initialised"))?;
             match c.get(pool, Key::new(slot.oid, 0)) {
                 Ok(Some(v)) => check(slot, crc, v),
-                Ok(None) => Err(lost_err()),
-                Err(e) => Err(err_reply(&e)),
+                Ok(None) => {
+                    slot.mark_lost();
+                    Err(lost_err())
+                }
+                Err(e) => Err(err_reply(slot, &e)),
             }
         }
     }
@@ -234,8 +260,9 @@ fn check(slot: &Slot, crc: u32, v: Bytes) -> Result<Bytes, Val> {
     Ok(v)
 }
 
-fn lost_err() -> Val {
-    Stats::bump(&crate::stats().lost_values);
+/// The reply for a value known to be lost.
+pub fn lost_err() -> Val {
+    Stats::bump(&crate::stats().lost_reads);
     Val::Err("UTMEMLOST the host no longer has this value (host restarted or pool dropped)".into())
 }
 
@@ -243,12 +270,16 @@ fn down_err(why: &str) -> Val {
     Val::Err(format!("UTMEMDOWN {why}"))
 }
 
-fn err_reply(e: &ClientError) -> Val {
+/// The reply for a failed read of `slot`; a MISS makes the value lost.
+fn err_reply(slot: &Slot, e: &ClientError) -> Val {
     match e {
         ClientError::Refused {
             status: Status::Miss | Status::UnknownPool,
             ..
-        } => lost_err(),
+        } => {
+            slot.mark_lost();
+            lost_err()
+        }
         e => down_err(&e.to_string()),
     }
 }
@@ -300,6 +331,10 @@ fn run(rx: Receiver<Job>, client: Client, pool: Pool) {
         if io.last_retry.elapsed() >= Duration::from_secs(1) {
             io.last_retry = Instant::now();
             io.retry(&mut batch);
+            if !HOST_ANSWERS.load(Relaxed) {
+                // Nobody else may ask (`on-host-down error` refuses at once): find out.
+                batch.push((Request::Ping, Box::new(|r| note_answer(&r))));
+            }
         }
         if !batch.is_empty() {
             io.client.submit_many(batch);
@@ -330,10 +365,14 @@ impl Io {
                     },
                     Box::new(move |r: Result<Response, ClientError>| {
                         crate::stats().rtt_us(micros(t0));
+                        note_answer(&r);
                         let out = match r {
                             Ok(Response::Value(v)) => check(&s2, crc, v),
-                            Ok(_) => Err(lost_err()),
-                            Err(e) => Err(err_reply(&e)),
+                            Ok(_) => {
+                                s2.mark_lost();
+                                Err(lost_err())
+                            }
+                            Err(e) => Err(err_reply(&s2, &e)),
                         };
                         done(out);
                     }),
@@ -424,12 +463,12 @@ impl Io {
     fn put(
         &mut self,
         slot: Arc<Slot>,
-        done: Option<Box<dyn FnOnce() + Send>>,
+        done: Option<PutDone>,
         batch: &mut Vec<(Request, Completion)>,
     ) {
         let Some(bytes) = slot.take_for_put() else {
             if let Some(d) = done {
-                d();
+                d(Ok(()));
             }
             return;
         };
@@ -449,16 +488,32 @@ impl Io {
             Box::new(move |r: Result<Response, ClientError>| {
                 let stats = crate::stats();
                 stats.rtt_us(micros(t0));
+                note_answer(&r);
+                let mut outcome = Ok(());
                 match r {
                     Ok(Response::Placed(at)) => slot.acked(crc, Some(at)),
                     Ok(_) => slot.acked(crc, None),
                     Err(e) => {
-                        match &e {
+                        let full = matches!(
+                            &e,
                             ClientError::Refused {
                                 status: Status::NoSpace | Status::TooLarge,
                                 ..
-                            } => Stats::bump(&stats.no_space_fallbacks),
-                            _ => Stats::bump(&stats.host_down_fallbacks),
+                            }
+                        );
+                        if slot.first_fallback() {
+                            Stats::bump(if full {
+                                &stats.no_space_fallbacks
+                            } else {
+                                &stats.host_down_fallbacks
+                            });
+                        }
+                        // A host that is down or did not answer in time is "down" for
+                        // `on-host-down error`; the value stays in Redis either way.
+                        if !full && crate::config::error_when_down() {
+                            outcome = Err(Val::Err(format!(
+                                "UTMEMDOWN {e}; the value was kept in Redis"
+                            )));
                         }
                         slot.keep_local();
                         remember_for_retry(&slot);
@@ -471,7 +526,7 @@ impl Io {
                     }
                 }
                 if let Some(d) = done {
-                    d();
+                    d(outcome);
                 }
             }),
         ));

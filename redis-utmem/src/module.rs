@@ -85,7 +85,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         }
     }
     raw::track_forks();
-    raw::handle_io_errors(ctx);
+    raw::set_module_options(ctx);
     raw::on_fork_child(ctx, on_fork);
     match io::start(&spec, &pool, config::timeout()) {
         Ok(m) => {

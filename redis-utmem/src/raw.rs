@@ -160,6 +160,8 @@ pub struct Key {
 }
 
 const NO_EXPIRE: i64 = -1;
+/// `REDISMODULE_OK` as the API functions return it.
+const REDISMODULE_OK: c_int = 0;
 
 impl Key {
     /// Opens `name` for reading and writing.
@@ -260,6 +262,81 @@ impl Key {
         }
     }
 
+    /// Replaces the stub of a key that already holds a utmem value, in place: no
+    /// delete and re-add (so no `new` keyspace event), TTL kept. `false` (and the
+    /// stub dropped) if the key does not hold a utmem value.
+    pub fn replace_stub(&self, stub: crate::slot::Stub) -> bool {
+        if self.kind() != KeyKind::Ours {
+            return false;
+        }
+        let p = Box::into_raw(Box::new(stub)).cast::<c_void>();
+        let mut old: *mut c_void = ptr::null_mut();
+        // SAFETY: the key is open for writing and holds our type; on success Redis owns
+        // `p` and hands back the previous value, a `Box<Stub>` we created, which we free.
+        unsafe {
+            let ok = raw::RedisModule_ModuleTypeReplaceValue.expect("api")(
+                self.key,
+                crate::datatype::raw_type(),
+                p,
+                &mut old,
+            ) == REDISMODULE_OK;
+            if !ok {
+                drop(Box::from_raw(p.cast::<crate::slot::Stub>()));
+                return false;
+            }
+            if !old.is_null() {
+                drop(Box::from_raw(old.cast::<crate::slot::Stub>()));
+            }
+        }
+        true
+    }
+
+    /// Overwrites a plain string's bytes in place (no `new` keyspace event, TTL kept).
+    /// `false` if the key does not hold a string.
+    pub fn overwrite_string(&self, b: &[u8]) -> bool {
+        if self.kind() != KeyKind::String {
+            return false;
+        }
+        // SAFETY: the key is open for writing and holds a string: truncate resizes it,
+        // and DMA in write mode gives a pointer to exactly `len` writable bytes, valid
+        // until the key is modified again; we copy `b` in at once.
+        unsafe {
+            if raw::RedisModule_StringTruncate.expect("api")(self.key, b.len()) != REDISMODULE_OK {
+                return false;
+            }
+            if b.is_empty() {
+                return true;
+            }
+            let mut len = 0usize;
+            let p = raw::RedisModule_StringDMA.expect("api")(
+                self.key,
+                &mut len,
+                raw::REDISMODULE_WRITE as c_int,
+            );
+            if p.is_null() || len != b.len() {
+                return false;
+            }
+            ptr::copy_nonoverlapping(b.as_ptr(), p.cast::<u8>(), len);
+        }
+        true
+    }
+
+    /// The absolute expiry (Unix ms), if the key has a TTL.
+    pub fn abs_expire_ms(&self) -> Option<i64> {
+        // SAFETY: `self.key` is an open key.
+        let t = unsafe { raw::RedisModule_GetAbsExpire.expect("api")(self.key) };
+        (t != NO_EXPIRE).then_some(t)
+    }
+
+    /// Sets the absolute expiry (Unix ms; a time in the past expires the key the way
+    /// SET's does: on its next access or by the active expiry cycle).
+    pub fn set_abs_expire_ms(&self, at: i64) {
+        // SAFETY: the key is open for writing.
+        unsafe {
+            raw::RedisModule_SetAbsExpire.expect("api")(self.key, at);
+        }
+    }
+
     /// Milliseconds to live, if the key has a TTL.
     pub fn ttl_ms(&self) -> Option<i64> {
         // SAFETY: `self.key` is an open key.
@@ -331,14 +408,15 @@ pub fn rdb_load(rdb: *mut RedisModuleIO) -> Option<(u64, Bytes)> {
     Some((flag, Bytes::copy_from_slice(buf.as_ref())))
 }
 
-/// Declares that rdb_load copes with I/O errors (diskless replica load).
-pub fn handle_io_errors(ctx: &Context) {
-    // SAFETY: called from OnLoad with the module's context.
+/// Declares that rdb_load copes with I/O errors (diskless replica load), and that the
+/// module signals modified keys itself: a key opened for writing and closed unchanged
+/// (every UTMEM.* command opens its keys that way) must not touch WATCH or send a
+/// tracking invalidation, as GET does not.
+pub fn set_module_options(ctx: &Context) {
+    let flags = raw::REDISMODULE_OPTIONS_HANDLE_IO_ERRORS | (1 << 1); // NO_IMPLICIT_SIGNAL_MODIFIED
+                                                                      // SAFETY: called from OnLoad with the module's context.
     unsafe {
-        raw::RedisModule_SetModuleOptions.expect("api")(
-            ctx.ctx,
-            raw::REDISMODULE_OPTIONS_HANDLE_IO_ERRORS as c_int,
-        );
+        raw::RedisModule_SetModuleOptions.expect("api")(ctx.ctx, flags as c_int);
     }
 }
 
@@ -383,6 +461,24 @@ pub fn info_section(info: &redis_module::InfoContext, fields: &[(&str, String)])
             };
             raw::RedisModule_InfoAddFieldCString.expect("api")(ctx, k.as_ptr(), v.as_ptr());
         }
+    }
+}
+
+/// Whether the client running the command of `ctx` has CLIENT TRACKING on.
+pub fn client_tracks(ctx: &Context) -> bool {
+    // SAFETY: `ctx` is the live context of a command; the info struct is version 1,
+    // which GetClientInfoById fills in.
+    unsafe {
+        let id = raw::RedisModule_GetClientId.expect("api")(ctx.ctx);
+        if id == 0 {
+            return false;
+        }
+        let mut ci: raw::RedisModuleClientInfo = std::mem::zeroed();
+        ci.version = 1;
+        let ok =
+            raw::RedisModule_GetClientInfoById.expect("api")((&raw mut ci).cast::<c_void>(), id)
+                == REDISMODULE_OK;
+        ok && ci.flags & u64::from(raw::REDISMODULE_CLIENTINFO_FLAG_TRACKING) != 0
     }
 }
 

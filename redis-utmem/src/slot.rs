@@ -45,6 +45,8 @@ pub struct Slot {
     state: Mutex<State>,
     /// Set once a request for this object went to the host: then it must be flushed.
     submitted: AtomicBool,
+    /// Set once this value fell back to Redis memory (counted once).
+    fell_back: AtomicBool,
 }
 
 /// What a reader finds.
@@ -69,6 +71,7 @@ impl Slot {
             len: bytes.len(),
             state: Mutex::new(State::Pending(bytes)),
             submitted: AtomicBool::new(false),
+            fell_back: AtomicBool::new(false),
         })
     }
 
@@ -82,17 +85,38 @@ impl Slot {
             len,
             state: Mutex::new(State::Remote { crc, at: None }),
             submitted: AtomicBool::new(true),
+            fell_back: AtomicBool::new(false),
         })
     }
 
     /// A value an RDB could not include.
     pub fn lost(oid: u64) -> Arc<Slot> {
+        Stats::add(&crate::stats().lost_values, 1);
         Arc::new(Slot {
             oid,
             len: 0,
             state: Mutex::new(State::Lost),
             submitted: AtomicBool::new(false),
+            fell_back: AtomicBool::new(false),
         })
+    }
+
+    /// The host answered MISS for this remote value: it is lost (reads say
+    /// `-UTMEMLOST`, saves record it as lost). A value still in Redis is unaffected.
+    pub fn mark_lost(&self) {
+        let mut st = self.lock();
+        if let State::Remote { .. } = &*st {
+            let s = crate::stats();
+            Stats::add(&s.offloaded_values, -1);
+            Stats::add(&s.offloaded_bytes, -len_i64(self.len));
+            Stats::add(&s.lost_values, 1);
+            *st = State::Lost;
+        }
+    }
+
+    /// True the first time this value falls back to Redis memory.
+    pub fn first_fallback(&self) -> bool {
+        !self.fell_back.swap(true, Relaxed)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -213,7 +237,7 @@ impl Drop for Slot {
                 Stats::add(&s.offloaded_values, -1);
                 Stats::add(&s.offloaded_bytes, -len_i64(self.len));
             }
-            State::Lost => {}
+            State::Lost => Stats::add(&s.lost_values, -1),
         }
         if self.submitted.load(Relaxed) {
             crate::io::flush(self.oid);

@@ -18,12 +18,16 @@ pub struct Stats {
     pub pending_bytes: AtomicI64,
     /// UTMEM.SETs below the threshold, stored as plain strings.
     pub inline_sets: AtomicU64,
-    /// PUTs that fell back to Redis memory because the host was unreachable.
+    /// Values kept in Redis because the host was unreachable or did not answer in
+    /// time (each value counted once, however often it is offered again).
     pub host_down_fallbacks: AtomicU64,
-    /// PUTs that fell back to Redis memory because the host was full.
+    /// Values kept in Redis because the host was full (each counted once).
     pub no_space_fallbacks: AtomicU64,
-    /// GETs the host answered with MISS (the host lost the value).
-    pub lost_values: AtomicU64,
+    /// utmem values known to be lost now: the host answered MISS for them, or the RDB
+    /// they were loaded from could not include them.
+    pub lost_values: AtomicI64,
+    /// Reads answered `-UTMEMLOST`.
+    pub lost_reads: AtomicU64,
     /// Values read straight from the mapped arena (no round trip).
     pub mapped_reads: AtomicU64,
     /// Mapped reads that found the value gone or moved and asked over the socket.
