@@ -349,7 +349,11 @@ pub fn set(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         Stored::Inline(_) => None,
     };
     let parts = vec![p0, if slot.is_some() { None } else { Some(Val::Ok) }];
-    let pending = Gather::start(ctx, parts, |mut v| v.remove(0));
+    // The reply is part 0 (OK, or the old value for GET) unless the PUT failed the SET.
+    let pending = Gather::start(ctx, parts, |mut v| match v.pop() {
+        Some(e @ Val::Err(_)) => e,
+        _ => v.remove(0),
+    });
     let g = pending.gather();
     if let Some((s, crc)) = fetch {
         fetch_into(&g, 0, s, crc);
@@ -441,7 +445,11 @@ pub fn mset(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     }
     ctx.replicate_verbatim();
     let parts = vec![None; slots.len()];
-    let pending = Gather::start(ctx, parts, |_| Val::Ok);
+    let pending = Gather::start(ctx, parts, |v| {
+        v.into_iter()
+            .find(|p| matches!(p, Val::Err(_)))
+            .unwrap_or(Val::Ok)
+    });
     for (i, s) in slots.into_iter().enumerate() {
         put_into(&pending.gather(), i, s);
     }

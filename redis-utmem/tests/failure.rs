@@ -295,3 +295,129 @@ fn write_back_answers_at_once_and_offloads_later() {
         assert_eq!(got, v, "{k} from the host");
     }
 }
+
+fn info_num(r: &Redis, field: &str) -> i64 {
+    r.info("utmem", field).parse().unwrap_or(-1)
+}
+
+fn utmem_set(c: &mut redis::Connection, k: &str, v: &[u8]) -> redis::RedisResult<String> {
+    redis::cmd("UTMEM.SET").arg(k).arg(v).query(c)
+}
+
+/// `on-host-down error` with a host that hangs: the SET that was waiting answers
+/// `-UTMEMDOWN` after `timeout-ms` (its value stays readable in Redis, nothing is
+/// lost), and further SETs are refused at once, changing nothing, until the host
+/// answers again.
+#[test]
+fn on_host_down_error_covers_a_hung_host() {
+    let d = Daemon::start(&[]);
+    let r = Redis::start(
+        &[
+            "transport",
+            &d.spec(),
+            "threshold",
+            "1024",
+            "timeout-ms",
+            "700",
+            "on-host-down",
+            "error",
+        ],
+        &[],
+    );
+    let mut c = r.conn();
+    assert_eq!(
+        utmem_set(&mut c, "before", &pattern(1, 5000)).unwrap(),
+        "OK"
+    );
+    d.signal(Signal::SIGSTOP);
+    let v = pattern(2, 5000);
+    let t0 = Instant::now();
+    let res = utmem_set(&mut c, "hung", &v);
+    let info: String = redis::cmd("INFO").arg("utmem").query(&mut c).unwrap();
+    let e = res.expect_err(&format!("the host is stopped ({:?}) {info}", t0.elapsed()));
+    assert!(e.to_string().contains("UTMEMDOWN"), "{e}");
+    let back: Vec<u8> = redis::cmd("UTMEM.GET").arg("hung").query(&mut c).unwrap();
+    assert_eq!(back, v, "the value of a SET that timed out stays readable");
+    let t0 = Instant::now();
+    let e = utmem_set(&mut c, "refused", &pattern(3, 5000)).expect_err("refused");
+    assert!(e.to_string().contains("UTMEMDOWN"), "{e}");
+    assert!(
+        t0.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t0.elapsed()
+    );
+    let exists: i64 = redis::cmd("EXISTS").arg("refused").query(&mut c).unwrap();
+    assert_eq!(exists, 0, "a refused SET changes nothing");
+    assert_eq!(info_num(&r, "utmem_host_down_fallbacks"), 1);
+    d.signal(Signal::SIGCONT);
+    let t0 = Instant::now();
+    while utmem_set(&mut c, "after", &pattern(4, 5000)).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "host never came back"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// INFO counts values, not attempts: two values kept in Redis while the host is down
+/// are two fallbacks however often they are offered again; values the host answers
+/// MISS for (an operator dropped the identity) leave `offloaded_*` and become
+/// `lost_values`, and reading them says UTMEMLOST.
+#[test]
+fn info_counts_values_and_lost_ones() {
+    let mut d = Daemon::start(&[]);
+    let r = Redis::start(
+        &[
+            "transport",
+            &d.spec(),
+            "threshold",
+            "1024",
+            "timeout-ms",
+            "500",
+        ],
+        &[],
+    );
+    let mut c = r.conn();
+    for k in 0..3 {
+        assert_eq!(
+            utmem_set(&mut c, &format!("k{k}"), &pattern(k, 6000)).unwrap(),
+            "OK"
+        );
+    }
+    assert_eq!(info_num(&r, "utmem_offloaded_values"), 3);
+    // The operator drops this Redis's identity: the host forgets its values.
+    let uid = nix::unistd::getuid().as_raw();
+    let (ok, _, err) = d.admin_cmd(&["drop-identity", &format!("uid:{uid}")]);
+    assert!(ok, "drop-identity: {err}");
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("utmem.mapped-read-max")
+        .arg("0")
+        .query(&mut c)
+        .unwrap();
+    for k in 0..3 {
+        let e = redis::cmd("UTMEM.GET")
+            .arg(format!("k{k}"))
+            .query::<Vec<u8>>(&mut c)
+            .expect_err("the host dropped it");
+        assert!(e.to_string().contains("UTMEMLOST"), "{e}");
+    }
+    assert_eq!(info_num(&r, "utmem_offloaded_values"), 0);
+    assert_eq!(info_num(&r, "utmem_offloaded_bytes"), 0);
+    assert_eq!(info_num(&r, "utmem_lost_values"), 3);
+    assert_eq!(info_num(&r, "utmem_lost_reads"), 3);
+    let _: () = redis::cmd("DEL").arg("k0").query(&mut c).unwrap();
+    assert_eq!(info_num(&r, "utmem_lost_values"), 2);
+    // Host down: two values kept in Redis, offered again every second.
+    d.kill();
+    for k in 10..12 {
+        assert_eq!(
+            utmem_set(&mut c, &format!("k{k}"), &pattern(k, 6000)).unwrap(),
+            "OK"
+        );
+    }
+    thread::sleep(Duration::from_millis(3500));
+    assert_eq!(info_num(&r, "utmem_host_down_fallbacks"), 2);
+    assert_eq!(info_num(&r, "utmem_inline_values"), 2);
+}
