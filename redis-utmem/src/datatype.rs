@@ -12,8 +12,8 @@ use std::os::raw::{c_int, c_void};
 use redis_module::native_types::RedisType;
 use redis_module::raw::{self, RedisModuleIO, RedisModuleString};
 
-use crate::io::{self, Job};
-use crate::raw::{emit_set, rdb_load as load_pair, rdb_save as save_pair, Val};
+use crate::io::{self, FetchError, Job};
+use crate::raw::{emit_set, rdb_load as load_pair, rdb_save as save_pair};
 use crate::slot::{Read, Slot, Stub};
 
 const ENC_VERSION: c_int = 1;
@@ -61,32 +61,37 @@ unsafe fn stub<'a>(value: *mut c_void) -> Option<&'a Stub> {
     unsafe { value.cast::<Stub>().as_ref() }
 }
 
-/// The bytes of a stub for saving: `Err(why)` if they cannot be had.
-fn bytes_for_save(s: &Stub) -> Result<bytes::Bytes, String> {
-    match io::fetch_sync(&s.0) {
-        Ok(b) => Ok(b),
-        Err(Val::Err(e)) => Err(e),
-        Err(_) => Err("unknown error".into()),
-    }
-}
-
 unsafe extern "C" fn rdb_save(rdb: *mut RedisModuleIO, value: *mut c_void) {
     // SAFETY: Redis passes back a value of our type.
     let Some(s) = (unsafe { stub(value) }) else {
         return;
     };
-    match bytes_for_save(s) {
+    match io::fetch_sync(&s.0) {
         Ok(b) => save_pair(rdb, FLAG_VALUE, &b),
-        Err(why) if crate::raw::in_fork_child() => {
-            // Never write a snapshot that silently lacks a value: fail this BGSAVE.
-            eprintln!(
-                "utmem: cannot read object {} for the snapshot: {why}; aborting it",
+        // Gone for good (the host answered MISS, or bytes that fail the checksum): the
+        // snapshot records it as lost, and loads as lost (reads say UTMEMLOST).
+        Err(e @ (FetchError::Lost | FetchError::Corrupt(_))) => {
+            if let FetchError::Corrupt(why) = &e {
+                crate::log_warning(&format!(
+                    "utmem: object {} is saved as lost: {why}",
+                    s.0.oid
+                ));
+            }
+            save_pair(rdb, FLAG_LOST, &[]);
+        }
+        // Only unreachable: it may come back, so a snapshot must not call it lost.
+        Err(FetchError::Down(why)) if crate::raw::in_fork_child() => {
+            crate::log_warning(&format!(
+                "utmem: BGSAVE/replication snapshot aborted: object {} is on a host that cannot be reached ({why}); retry once the host is back",
                 s.0.oid
-            );
+            ));
             // SAFETY: _exit in a fork child ends only the child; Redis sees a failed save.
             unsafe { libc::_exit(1) };
         }
-        Err(why) => {
+        Err(FetchError::Down(why)) => {
+            // A save on the main thread cannot fail from here; SAVE, SHUTDOWN and DEBUG
+            // RELOAD are refused up front while the host does not answer (see filter.rs),
+            // so this is a host that went away during the save.
             crate::log_warning(&format!(
                 "utmem: object {} could not be read for SAVE ({why}); it is saved as lost",
                 s.0.oid
@@ -126,14 +131,21 @@ unsafe extern "C" fn aof_rewrite(
     let Some(s) = (unsafe { stub(value) }) else {
         return;
     };
-    match bytes_for_save(s) {
+    match io::fetch_sync(&s.0) {
         // SAFETY: `aof` and `key` are what Redis passed to this callback.
         Ok(b) => unsafe { emit_set(aof, key, &b) },
-        Err(why) => {
-            eprintln!(
-                "utmem: cannot read object {} for the AOF rewrite: {why}; aborting it",
+        // An AOF has no way to say "lost": the key is left out (logged).
+        Err(e @ (FetchError::Lost | FetchError::Corrupt(_))) => {
+            crate::log_warning(&format!(
+                "utmem: object {} is lost ({e:?}); the AOF rewrite leaves its key out",
                 s.0.oid
-            );
+            ));
+        }
+        Err(FetchError::Down(why)) => {
+            crate::log_warning(&format!(
+                "utmem: AOF rewrite aborted: object {} is on a host that cannot be reached ({why})",
+                s.0.oid
+            ));
             if crate::raw::in_fork_child() {
                 // SAFETY: as in rdb_save: only the child ends, the rewrite fails.
                 unsafe { libc::_exit(1) };

@@ -9,7 +9,7 @@
 //! host again once it can take them, and caps the bytes of PUTs in flight.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
@@ -200,7 +200,11 @@ fn client_here() -> Option<(Client, Pool)> {
             return Some((c.clone(), *pool));
         }
     }
-    let c = Client::connect_lazy(&s.spec, Options::default()).ok()?;
+    let opts = Options {
+        timeout: crate::config::timeout(),
+        ..Options::default()
+    };
+    let c = Client::connect_lazy(&s.spec, opts).ok()?;
     let pool = c.register_pool(
         utmem_client::proto::PoolKind::Private(s.pool_name.clone()),
         false,
@@ -210,21 +214,76 @@ fn client_here() -> Option<(Client, Pool)> {
     Some((c, pool))
 }
 
+/// Why a synchronous fetch failed.
+#[derive(Debug)]
+pub enum FetchError {
+    /// The host answered MISS (or the value was known lost): it is gone for good.
+    Lost,
+    /// The host is unreachable or did not answer in time: the value may come back.
+    Down(String),
+    /// The host returned bytes that do not match the checksum.
+    Corrupt(String),
+}
+
+impl FetchError {
+    /// The reply a client gets for it.
+    pub fn reply(&self) -> Val {
+        match self {
+            FetchError::Lost => lost_err(),
+            FetchError::Down(why) => down_err(why),
+            FetchError::Corrupt(why) => Val::Err(why.clone()),
+        }
+    }
+}
+
+/// Until when (ms on the module's clock) synchronous fetches fail at once: one of them
+/// found the host down, and a save must not wait a timeout per value.
+static SYNC_DOWN_UNTIL: AtomicU64 = AtomicU64::new(0);
+
+fn clock_ms() -> u64 {
+    static T0: OnceLock<Instant> = OnceLock::new();
+    u64::try_from(T0.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
 /// The value's bytes, fetched synchronously if they are on the host (RDB save, AOF
-/// rewrite, MULTI/Lua). The error is the reply to give.
-pub fn fetch_sync(slot: &Slot) -> Result<Bytes, Val> {
+/// rewrite, RECALLALL): from the mapped arena when this process maps it, else with a
+/// round trip. After one fetch found the host down, the next ones within `timeout-ms`
+/// fail at once, so a save never waits more than one timeout in all.
+pub fn fetch_sync(slot: &Slot) -> Result<Bytes, FetchError> {
     match slot.read() {
         Read::Here(b) => Ok(b),
-        Read::Lost => Err(lost_err()),
+        Read::Lost => Err(FetchError::Lost),
         Read::Remote(crc) => {
-            let (c, pool) = client_here().ok_or_else(|| down_err("module not initialised"))?;
-            match c.get(pool, Key::new(slot.oid, 0)) {
-                Ok(Some(v)) => check(slot, crc, v),
-                Ok(None) => {
+            if let Some(b) = with_mapped(slot, usize::MAX, Bytes::copy_from_slice) {
+                return Ok(b);
+            }
+            if clock_ms() < SYNC_DOWN_UNTIL.load(Relaxed) {
+                return Err(FetchError::Down(
+                    "the host did not answer a moment ago".into(),
+                ));
+            }
+            let (c, pool) = client_here()
+                .ok_or_else(|| FetchError::Down("the module is not initialised".into()))?;
+            let r = c.get(pool, Key::new(slot.oid, 0));
+            note_answer(&r);
+            match r {
+                Ok(Some(v)) => check(slot, crc, v).map_err(|e| match e {
+                    Val::Err(e) => FetchError::Corrupt(e),
+                    _ => FetchError::Corrupt("UTMEMCORRUPT".into()),
+                }),
+                Ok(None)
+                | Err(ClientError::Refused {
+                    status: Status::Miss | Status::UnknownPool,
+                    ..
+                }) => {
                     slot.mark_lost();
-                    Err(lost_err())
+                    Err(FetchError::Lost)
                 }
-                Err(e) => Err(err_reply(slot, &e)),
+                Err(e) => {
+                    let ms = u64::try_from(crate::config::timeout().as_millis()).unwrap_or(0);
+                    SYNC_DOWN_UNTIL.store(clock_ms() + ms, Relaxed);
+                    Err(FetchError::Down(e.to_string()))
+                }
             }
         }
     }

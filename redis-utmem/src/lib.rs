@@ -12,6 +12,7 @@
 pub mod commands;
 pub mod config;
 pub mod datatype;
+pub mod filter;
 pub mod gather;
 pub mod io;
 #[cfg(not(test))]
@@ -74,10 +75,14 @@ pub fn info_fields() -> Vec<(&'static str, String)> {
 }
 
 #[redis_module_macros::cron_event_handler]
-fn cron(_ctx: &redis_module::Context, _hz: u64) {
+fn cron(ctx: &redis_module::Context, hz: u64) {
     // Argument strings whose values reached the host go back to Redis here too, so
     // they are freed even when no UTMEM.SET comes along.
     raw::release_held();
+    static TICKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    if TICKS.fetch_add(1, Relaxed).is_multiple_of(hz.max(1)) {
+        filter::refresh_save_points(ctx);
+    }
 }
 
 #[redis_module_macros::info_command_handler]

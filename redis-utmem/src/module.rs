@@ -84,6 +84,9 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
             ));
         }
     }
+    if !raw::register_filter(ctx, crate::filter::refuse_unreadable_saves) {
+        ctx.log_warning("utmem: cannot register the command filter that guards SAVE");
+    }
     raw::track_forks();
     raw::set_module_options(ctx);
     raw::on_fork_child(ctx, on_fork);
@@ -125,6 +128,7 @@ redis_module! {
         ["utmem.recall", commands::recall, "write", 1, 1, 1, ""],
         ["utmem.recallall", commands::recallall, "write", 0, 0, 0, ""],
         ["utmem.stats", commands::stats, "readonly fast", 0, 0, 0, ""],
+        ["utmem.refused", crate::filter::refused, "readonly fast", 0, 0, 0, ""],
     ],
     configurations: [
         i64: [

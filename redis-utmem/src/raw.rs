@@ -482,6 +482,85 @@ pub fn client_tracks(ctx: &Context) -> bool {
     }
 }
 
+/// The arguments of a command a filter sees.
+#[derive(Debug)]
+pub struct FilterArgs(*mut raw::RedisModuleCommandFilterCtx);
+
+impl FilterArgs {
+    /// Whether there are no words at all.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// How many words, the command name included.
+    pub fn len(&self) -> usize {
+        // SAFETY: the filter context is live for the duration of the callback.
+        let n = unsafe { raw::RedisModule_CommandFilterArgsCount.expect("api")(self.0) };
+        usize::try_from(n).unwrap_or(0)
+    }
+
+    /// Word `i`, if there is one.
+    pub fn arg(&self, i: usize) -> Option<&[u8]> {
+        let pos = c_int::try_from(i).ok()?;
+        // SAFETY: the filter context is live; the string it returns stays valid while the
+        // callback runs, and we only borrow its bytes for that long.
+        unsafe {
+            let s = raw::RedisModule_CommandFilterArgGet.expect("api")(self.0, pos);
+            if s.is_null() {
+                return None;
+            }
+            let mut len = 0usize;
+            let p = raw::RedisModule_StringPtrLen.expect("api")(s, &mut len);
+            Some(std::slice::from_raw_parts(p.cast::<u8>(), len))
+        }
+    }
+
+    /// Makes the command `words` instead.
+    pub fn replace_all(&self, words: &[&[u8]]) {
+        // SAFETY: the filter context is live; strings created with a NULL context are
+        // owned by Redis once passed to ArgReplace/ArgInsert, as the API requires.
+        unsafe {
+            while self.len() > words.len() {
+                let last = c_int::try_from(self.len() - 1).unwrap_or(0);
+                raw::RedisModule_CommandFilterArgDelete.expect("api")(self.0, last);
+            }
+            for (i, w) in words.iter().enumerate() {
+                let Ok(pos) = c_int::try_from(i) else { return };
+                let s = raw::RedisModule_CreateString.expect("api")(
+                    ptr::null_mut(),
+                    w.as_ptr().cast::<c_char>(),
+                    w.len(),
+                );
+                if i < self.len() {
+                    raw::RedisModule_CommandFilterArgReplace.expect("api")(self.0, pos, s);
+                } else {
+                    raw::RedisModule_CommandFilterArgInsert.expect("api")(self.0, pos, s);
+                }
+            }
+        }
+    }
+}
+
+static FILTER: std::sync::OnceLock<fn(&FilterArgs)> = std::sync::OnceLock::new();
+
+extern "C" fn filter_cb(fctx: *mut raw::RedisModuleCommandFilterCtx) {
+    if let Some(f) = FILTER.get() {
+        f(&FilterArgs(fctx));
+    }
+}
+
+/// Runs `f` on every command before Redis executes it (not on the module's own calls).
+pub fn register_filter(ctx: &Context, f: fn(&FilterArgs)) -> bool {
+    FILTER.get_or_init(|| f);
+    // SAFETY: OnLoad context; the callback is a plain extern fn that lives forever.
+    unsafe {
+        match raw::RedisModule_RegisterCommandFilter {
+            Some(reg) => !reg(ctx.ctx, Some(filter_cb), 1 /* NOSELF */).is_null(),
+            None => false,
+        }
+    }
+}
+
 /// Selects database `db` on a context.
 pub fn select_db(ctx: &Context, db: i32) -> bool {
     // SAFETY: `ctx` is live and the GIL is held by the caller.
@@ -533,17 +612,30 @@ pub fn set_command_info(
 
 static IN_FORK_CHILD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+extern "C" fn before_fork() {
+    crate::slot::fork_gate::close();
+}
+
+extern "C" fn after_fork_parent() {
+    crate::slot::fork_gate::open();
+}
+
 extern "C" fn mark_fork_child() {
     IN_FORK_CHILD.store(true, std::sync::atomic::Ordering::Relaxed);
+    crate::slot::fork_gate::open();
 }
 
 /// Arranges for [`in_fork_child`] to turn true in every forked child (getpid is a
 /// syscall on every call with today's glibc; this is a load).
 pub fn track_forks() {
-    // SAFETY: registers a handler that only stores to an atomic, which is
-    // async-signal-safe as a fork handler must be.
+    // SAFETY: registers handlers that only touch atomics (async-signal-safe, as fork
+    // handlers must be); prepare waits for slot locks to be released (see slot.rs).
     unsafe {
-        libc::pthread_atfork(None, None, Some(mark_fork_child));
+        libc::pthread_atfork(
+            Some(before_fork),
+            Some(after_fork_parent),
+            Some(mark_fork_child),
+        );
     }
 }
 

@@ -119,8 +119,11 @@ impl Slot {
         !self.fell_back.swap(true, Relaxed)
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> Locked<'_> {
+        fork_gate::enter();
+        Locked(Some(
+            self.state.lock().unwrap_or_else(PoisonError::into_inner),
+        ))
     }
 
     /// Where the bytes are.
@@ -249,6 +252,132 @@ fn len_i64(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+/// A slot's state, locked inside the fork gate.
+struct Locked<'a>(Option<MutexGuard<'a, State>>);
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        self.0
+            .as_deref()
+            .expect("a slot guard holds its lock until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        self.0
+            .as_deref_mut()
+            .expect("a slot guard holds its lock until dropped")
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        drop(self.0.take());
+        fork_gate::leave();
+    }
+}
+
+/// Slot locks and fork: a fork child (BGSAVE, AOF rewrite, full sync) reads every value
+/// through its slot's mutex, and the I/O and reader threads lock slots all the time; a
+/// fork while one of them holds one would leave that mutex locked forever in the
+/// child. So every slot lock is taken inside a gate that the forking thread closes
+/// first (`pthread_atfork` prepare): it waits until no thread holds a slot lock (each
+/// holds one for a few instructions), forks, and opens the gate in parent and child.
+pub mod fork_gate {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+
+    static CLOSED: AtomicBool = AtomicBool::new(false);
+    static INSIDE: AtomicUsize = AtomicUsize::new(0);
+
+    pub(super) fn enter() {
+        loop {
+            INSIDE.fetch_add(1, SeqCst);
+            if !CLOSED.load(SeqCst) {
+                return;
+            }
+            INSIDE.fetch_sub(1, SeqCst);
+            while CLOSED.load(SeqCst) {
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    pub(super) fn leave() {
+        INSIDE.fetch_sub(1, SeqCst);
+    }
+
+    /// Before fork (in the forking thread, which holds no slot lock): close the gate
+    /// and wait for the threads inside to leave.
+    pub fn close() {
+        CLOSED.store(true, SeqCst);
+        while INSIDE.load(SeqCst) > 0 {
+            std::hint::spin_loop();
+        }
+    }
+
+    /// After fork, in the parent and in the child.
+    pub fn open() {
+        CLOSED.store(false, SeqCst);
+    }
+}
+
 /// The module value Redis stores for a utmem key.
 #[derive(Debug, Clone)]
 pub struct Stub(pub Arc<Slot>);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// A fork while another thread holds a slot's lock must not leave the lock held in
+    /// the child: the forking thread waits at the gate. The other thread here holds the
+    /// lock almost all the time (1 ms at a stretch), so without the gate the child
+    /// would find it locked (and stay blocked forever).
+    #[test]
+    fn a_fork_never_inherits_a_held_slot_lock() {
+        crate::raw::track_forks();
+        let slot = Slot::pending(1, Bytes::from_static(b"value"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let holder = {
+            let (slot, stop) = (Arc::clone(&slot), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                while !stop.load(Relaxed) {
+                    let g = slot.lock();
+                    std::thread::sleep(Duration::from_millis(1));
+                    drop(g);
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        for _ in 0..5 {
+            // SAFETY: the child only polls an atomic-based try_lock and calls _exit.
+            let pid = unsafe { libc::fork() };
+            assert!(pid >= 0, "fork failed");
+            if pid == 0 {
+                let t0 = Instant::now();
+                let free = loop {
+                    if slot.state.try_lock().is_ok() {
+                        break true;
+                    }
+                    if t0.elapsed() > Duration::from_millis(500) {
+                        break false;
+                    }
+                };
+                // SAFETY: ends only the child.
+                unsafe { libc::_exit(i32::from(!free)) };
+            }
+            let mut status = 0;
+            // SAFETY: waits for the child we just forked.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                "the fork child found the slot locked"
+            );
+        }
+        stop.store(true, Relaxed);
+        holder.join().expect("holder");
+    }
+}
