@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use redis_module::{
-    Context, NotifyEvent, RedisError, RedisResult, RedisString, RedisValue, ThreadSafeContext,
-};
+use redis_module::{Context, NotifyEvent, RedisError, RedisResult, RedisString, RedisValue};
 
 use crate::config;
 use crate::gather::Gather;
@@ -49,7 +47,9 @@ fn look(key: &Key, mapped_max: usize) -> Have {
         KeyKind::Ours => match key.stub() {
             Some(Stub(slot)) => match slot.read_near(mapped_max) {
                 Read::Here(b) => Have::Value(Val::Bulk(b)),
-                Read::Remote(crc) => Have::Fetch(Arc::clone(slot), crc),
+                Read::Remote(crc) => {
+                    Have::Fetch(slot.source().unwrap_or_else(|| Arc::clone(slot)), crc)
+                }
                 Read::Lost => Have::Value(io::lost_err()),
             },
             None => Have::Missing,
@@ -522,7 +522,8 @@ pub fn offload(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     pending.reply(ctx, config::timeout(), Val::Int(1))
 }
 
-/// Makes `name` a plain string again if it still holds `slot`. Main thread (or GIL held).
+/// Makes `name` a plain string again if it still holds `slot`, and propagates that as
+/// the plain write it is (`SET key value [PXAT ms]`). Main thread (or GIL held).
 pub(crate) fn recall_key(
     ctx: &Context,
     name: &RedisString,
@@ -530,17 +531,32 @@ pub(crate) fn recall_key(
     bytes: &[u8],
 ) -> bool {
     let key = Key::open(ctx, name);
-    let same = key.stub().is_some_and(|s| Arc::ptr_eq(&s.0, slot));
-    if same {
-        let ttl = key.ttl_ms();
-        key.set_string(&RedisString::create_from_slice(ctx.ctx, bytes));
-        key.set_ttl_ms(ttl);
-        key.signal_modified(name);
+    if !key.stub().is_some_and(|s| Arc::ptr_eq(&s.0, slot)) {
+        return false;
     }
-    same
+    let at = key.abs_expire_ms();
+    drop(key);
+    let value = RedisString::create_from_slice(ctx.ctx, bytes);
+    let keep = RedisString::create(None, "KEEPTTL");
+    // SET itself replaces the key in place, keeps its TTL and signals it.
+    let _ = ctx.call("SET", &[name, &value, &keep][..]);
+    match at {
+        Some(at) => {
+            let pxat = RedisString::create(None, "PXAT");
+            let at = RedisString::create(None, at.to_string());
+            ctx.replicate("SET", &[name, &value, &pxat, &at][..]);
+        }
+        None => ctx.replicate("SET", &[name, &value][..]),
+    }
+    true
 }
 
 /// UTMEM.RECALL key: a utmem value becomes a plain string again. 1 if it did.
+///
+/// The swap happens on the main thread: at once when the bytes are in Redis; after the
+/// fetch, as the blocked client's reply callback, when they are on the host; and
+/// synchronously (bounded by `timeout-ms`) where a client cannot be blocked (MULTI,
+/// Lua) or nobody waits (replicated, AOF).
 pub fn recall(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     if args.len() != 2 {
         return Err(arity("utmem.recall"));
@@ -556,38 +572,43 @@ pub fn recall(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         },
     };
     drop(key);
-    ctx.replicate_verbatim();
+    // A copy not made yet is fetched under its source's object id.
+    let fetch_slot = slot.source().unwrap_or_else(|| Arc::clone(&slot));
+    let err = |v: Val| match v {
+        Val::Err(e) => RedisError::String(crate::raw::error_text(&e)),
+        _ => RedisError::Str("ERR utmem: unexpected reply"),
+    };
     match read {
         Read::Here(b) => Ok(RedisValue::Integer(i64::from(recall_key(
             ctx, name, &slot, &b,
         )))),
-        Read::Lost => Err(RedisError::String(match io::lost_err() {
-            Val::Err(e) => e,
-            _ => "UTMEMLOST".into(),
-        })),
+        Read::Lost => Err(err(io::lost_err())),
+        Read::Remote(_) if crate::gather::mode(ctx) != crate::gather::Mode::Block => {
+            match io::fetch_sync(&slot) {
+                Ok(b) => Ok(RedisValue::Integer(i64::from(recall_key(
+                    ctx, name, &slot, &b,
+                )))),
+                Err(e) => Err(err(e.reply())),
+            }
+        }
         Read::Remote(crc) => {
-            let pending = Gather::start(ctx, vec![None], |mut v| v.remove(0));
-            let g = pending.gather();
+            let blocked = crate::raw::MainBlocked::block(ctx);
             let owned = name.as_slice().to_vec();
             let s2 = Arc::clone(&slot);
             io::send(Job::Get {
-                slot,
+                slot: fetch_slot,
                 crc,
                 done: Box::new(move |r| {
-                    let v = match r {
+                    blocked.finish(Box::new(move |ctx| match r {
                         Ok(b) => {
-                            // Rare and explicit: take the GIL to change the keyspace.
-                            let tsc = ThreadSafeContext::new();
-                            let locked = tsc.lock();
-                            let name = RedisString::create_from_slice(locked.ctx, &owned);
-                            Val::Int(i64::from(recall_key(&locked, &name, &s2, &b)))
+                            let name = RedisString::create_from_slice(ctx.ctx, &owned);
+                            Val::Int(i64::from(recall_key(ctx, &name, &s2, &b)))
                         }
                         Err(v) => v,
-                    };
-                    g.set(0, v);
+                    }))
                 }),
             });
-            pending.reply(ctx, config::timeout(), Val::Int(1))
+            Ok(RedisValue::NoReply)
         }
     }
 }

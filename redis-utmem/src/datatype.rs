@@ -186,11 +186,11 @@ unsafe extern "C" fn copy(
             });
             slot
         }
-        // The host copies it; requests for the copy are queued after the COPY.
-        Read::Remote(crc) => {
-            let slot = Slot::remote(oid, s.0.len, crc);
+        // The host copies it; until it has, the copy reads the source's bytes (and keeps
+        // them from being flushed), so a host that is down or full loses nothing.
+        Read::Remote(_) => {
+            let slot = Slot::copy_of(oid, &s.0);
             io::send(Job::Copy {
-                src: std::sync::Arc::clone(&s.0),
                 dst: std::sync::Arc::clone(&slot),
             });
             slot

@@ -43,11 +43,9 @@ pub enum Job {
         /// Completion with the bytes or the error reply.
         done: Box<dyn FnOnce(Result<Bytes, Val>) + Send>,
     },
-    /// Duplicate `src` into `dst` inside the host.
+    /// Have the host duplicate a copy's source under the copy's object id.
     Copy {
-        /// Source.
-        src: Arc<Slot>,
-        /// Target (already marked remote with the source's CRC).
+        /// The copy ([`Slot::copy_of`]).
         dst: Arc<Slot>,
     },
     /// Drop an object on the host.
@@ -250,6 +248,8 @@ fn clock_ms() -> u64 {
 /// round trip. After one fetch found the host down, the next ones within `timeout-ms`
 /// fail at once, so a save never waits more than one timeout in all.
 pub fn fetch_sync(slot: &Slot) -> Result<Bytes, FetchError> {
+    let src = slot.source();
+    let slot = src.as_deref().unwrap_or(slot);
     match slot.read() {
         Read::Here(b) => Ok(b),
         Read::Lost => Err(FetchError::Lost),
@@ -437,33 +437,31 @@ impl Io {
                     }),
                 ));
             }
-            Job::Copy { src, dst } => {
+            Job::Copy { dst } => {
+                // The source may have been copied from a copy not made yet.
+                let Some(src) = dst.source() else { return };
+                let Read::Remote(crc) = src.read() else {
+                    return; // lost meanwhile: nothing to copy (reads say UTMEMLOST)
+                };
                 dst.mark_submitted();
-                let client = self.client.clone();
-                let pool = self.pool;
                 batch.push((
                     Request::Copy {
-                        pool,
+                        pool: self.pool,
                         src: Key::new(src.oid, 0),
                         dst: Key::new(dst.oid, 0),
                     },
                     Box::new(move |r: Result<Response, ClientError>| {
-                        if r.is_ok() {
-                            return;
+                        note_answer(&r);
+                        match r {
+                            Ok(_) => dst.copied(crc),
+                            Err(ClientError::Refused {
+                                status: Status::Miss | Status::UnknownPool,
+                                ..
+                            }) => src.mark_lost(),
+                            // Host full or down: reads keep going to the source, whose
+                            // bytes stay on the host; the COPY is tried again later.
+                            Err(_) => remember_for_retry(&dst),
                         }
-                        // The host could not copy (full, or down): hold the copy in Redis.
-                        client.submit(
-                            Request::Get {
-                                pool,
-                                key: Key::new(src.oid, 0),
-                            },
-                            move |r| {
-                                if let Ok(Response::Value(v)) = r {
-                                    dst.replace_with_local(v);
-                                    remember_for_retry(&dst);
-                                }
-                            },
-                        );
                     }),
                 ));
             }
@@ -605,7 +603,11 @@ impl Io {
         let slots: Vec<Weak<Slot>> = std::mem::take(&mut *lock(&s.retry));
         for w in slots {
             if let Some(slot) = w.upgrade() {
-                self.handle(Job::Put { slot, done: None }, batch);
+                if slot.source().is_some() {
+                    self.handle(Job::Copy { dst: slot }, batch);
+                } else {
+                    self.handle(Job::Put { slot, done: None }, batch);
+                }
             }
         }
     }

@@ -139,6 +139,86 @@ impl Drop for Blocked {
     }
 }
 
+/// Work to finish a blocked command on Redis's main thread; it returns the reply.
+pub type OnMain = Box<dyn FnOnce(&Context) -> Val + Send>;
+
+/// A client blocked until work that must run on the main thread (it changes the
+/// keyspace) can finish its command: [`MainBlocked::finish`] may be called from any
+/// thread, and Redis then runs the closure on its main thread, with the GIL, as the
+/// blocked client's reply callback.
+#[derive(Debug)]
+pub struct MainBlocked(*mut RedisModuleBlockedClient);
+
+// SAFETY: as for `Blocked`: the handle is meant to be passed to another thread.
+unsafe impl Send for MainBlocked {}
+
+extern "C" fn main_reply(
+    ctx: *mut RedisModuleCtx,
+    _argv: *mut *mut RedisModuleString,
+    _argc: c_int,
+) -> c_int {
+    // SAFETY: Redis calls this on the main thread with the context of the unblocked
+    // client; the private data is the `Box<Option<OnMain>>` that `finish` passed. Redis
+    // frees it afterwards through `main_free`, so only its content is taken here.
+    unsafe {
+        let p = raw::RedisModule_GetBlockedClientPrivateData.expect("api")(ctx);
+        if let Some(f) = p.cast::<Option<OnMain>>().as_mut().and_then(Option::take) {
+            let c = Context::new(ctx);
+            let v = f(&c);
+            write_reply(&c, &v);
+        }
+    }
+    0
+}
+
+extern "C" fn main_free(_ctx: *mut RedisModuleCtx, p: *mut c_void) {
+    if !p.is_null() {
+        // SAFETY: `p` is the `Box<Option<OnMain>>` given to UnblockClient; Redis calls
+        // this once, after the reply callback (or instead of it, if the client went away).
+        drop(unsafe { Box::from_raw(p.cast::<Option<OnMain>>()) });
+    }
+}
+
+impl MainBlocked {
+    /// Blocks the client running the command of `ctx`.
+    pub fn block(ctx: &Context) -> MainBlocked {
+        // SAFETY: `ctx.ctx` is the live context of the command being executed; the
+        // callbacks are plain extern fns.
+        let bc = unsafe {
+            raw::RedisModule_BlockClient.expect("api")(
+                ctx.ctx,
+                Some(main_reply),
+                None,
+                Some(main_free),
+                0,
+            )
+        };
+        MainBlocked(bc)
+    }
+
+    /// Runs `f` on the main thread and replies with what it returns.
+    pub fn finish(mut self, f: OnMain) {
+        let bc = std::mem::replace(&mut self.0, ptr::null_mut());
+        let p = Box::into_raw(Box::new(Some(f))).cast::<c_void>();
+        // SAFETY: `bc` came from BlockClient and is unblocked exactly once; Redis passes
+        // `p` to `main_reply` (which takes the closure) and then to `main_free`.
+        unsafe {
+            raw::RedisModule_UnblockClient.expect("api")(bc, p);
+        }
+    }
+}
+
+impl Drop for MainBlocked {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            let bc = std::mem::replace(&mut self.0, ptr::null_mut());
+            MainBlocked(bc).finish(Box::new(|_| {
+                Val::Err("ERR utmem: the request was dropped".into())
+            }));
+        }
+    }
+}
+
 /// What a key holds.
 #[derive(Debug, PartialEq, Eq)]
 pub enum KeyKind {

@@ -31,7 +31,11 @@ pub enum State {
         /// Where it is in the host's arena, if this process maps it.
         at: Option<Placement>,
     },
-    /// Neither: the RDB it came from could not include it.
+    /// A copy of another value (Redis COPY) that the host has not duplicated yet: its
+    /// bytes are the source's, which this keeps alive (no FLUSH) until the copy is made.
+    CopyOf(Arc<Slot>),
+    /// Neither: the host answered MISS for it, or the RDB it came from could not
+    /// include it.
     Lost,
 }
 
@@ -75,18 +79,37 @@ impl Slot {
         })
     }
 
-    /// A value the host has under `oid` already (COPY inside the host).
-    pub fn remote(oid: u64, len: usize, crc: u32) -> Arc<Slot> {
-        let s = crate::stats();
-        Stats::add(&s.offloaded_values, 1);
-        Stats::add(&s.offloaded_bytes, len_i64(len));
+    /// A copy of `src` (a remote value) that the host is asked to duplicate under `oid`;
+    /// until it has, reads go to `src`.
+    pub fn copy_of(oid: u64, src: &Arc<Slot>) -> Arc<Slot> {
         Arc::new(Slot {
             oid,
-            len,
-            state: Mutex::new(State::Remote { crc, at: None }),
-            submitted: AtomicBool::new(true),
+            len: src.len,
+            state: Mutex::new(State::CopyOf(Arc::clone(src))),
+            submitted: AtomicBool::new(false),
             fell_back: AtomicBool::new(false),
         })
+    }
+
+    /// The host made the copy: this value is remote under its own object id.
+    pub fn copied(&self, crc: u32) {
+        let mut st = self.lock();
+        if let State::CopyOf(_) = &*st {
+            let s = crate::stats();
+            Stats::add(&s.offloaded_values, 1);
+            Stats::add(&s.offloaded_bytes, len_i64(self.len));
+            *st = State::Remote { crc, at: None };
+        }
+    }
+
+    /// The value whose object id holds these bytes on the host: the source of a copy
+    /// not made yet, else `None` (this one).
+    pub fn source(&self) -> Option<Arc<Slot>> {
+        let src = match &*self.lock() {
+            State::CopyOf(src) => Arc::clone(src),
+            _ => return None,
+        };
+        Some(src.source().unwrap_or(src))
     }
 
     /// A value an RDB could not include.
@@ -126,21 +149,26 @@ impl Slot {
         ))
     }
 
-    /// Where the bytes are.
+    /// Where the bytes are (for a copy not made yet: the source's; fetch those with
+    /// [`Slot::source`]'s object id).
     pub fn read(&self) -> Read {
-        match &*self.lock() {
-            State::Pending(b) | State::Local(b) => Read::Here(b.clone()),
-            State::Remote { crc, .. } => Read::Remote(*crc),
-            State::Lost => Read::Lost,
-        }
+        let src = match &*self.lock() {
+            State::Pending(b) | State::Local(b) => return Read::Here(b.clone()),
+            State::Remote { crc, .. } => return Read::Remote(*crc),
+            State::Lost => return Read::Lost,
+            State::CopyOf(src) => Arc::clone(src),
+        };
+        src.read()
     }
 
     /// Where a remote value sits in the mapped arena, if it does.
     pub fn placement(&self) -> Option<Placement> {
-        match &*self.lock() {
-            State::Remote { at, .. } => *at,
-            _ => None,
-        }
+        let src = match &*self.lock() {
+            State::Remote { at, .. } => return *at,
+            State::CopyOf(src) => Arc::clone(src),
+            _ => return None,
+        };
+        src.placement()
     }
 
     /// Like [`Slot::read`], but a remote value of at most `mapped_max` bytes that
@@ -167,7 +195,7 @@ impl Slot {
                 *st = State::Pending(b.clone());
                 b
             }
-            State::Remote { .. } | State::Lost => return None,
+            State::Remote { .. } | State::Lost | State::CopyOf(_) => return None,
         };
         self.submitted.store(true, Relaxed);
         Some(b)
@@ -205,18 +233,6 @@ impl Slot {
         }
     }
 
-    /// A host-side COPY into this slot failed; hold these bytes locally instead.
-    pub fn replace_with_local(&self, b: Bytes) {
-        let mut st = self.lock();
-        if let State::Remote { .. } = &*st {
-            let s = crate::stats();
-            Stats::add(&s.offloaded_values, -1);
-            Stats::add(&s.offloaded_bytes, -len_i64(self.len));
-            Stats::add(&s.inline_values, 1);
-            *st = State::Local(b);
-        }
-    }
-
     /// Approximate bytes this value takes in Redis (MEMORY USAGE).
     pub fn mem_usage(&self) -> usize {
         let held = match &*self.lock() {
@@ -241,6 +257,7 @@ impl Drop for Slot {
                 Stats::add(&s.offloaded_bytes, -len_i64(self.len));
             }
             State::Lost => Stats::add(&s.lost_values, -1),
+            State::CopyOf(_) => {}
         }
         if self.submitted.load(Relaxed) {
             crate::io::flush(self.oid);

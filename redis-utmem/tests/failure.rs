@@ -421,3 +421,67 @@ fn info_counts_values_and_lost_ones() {
     assert_eq!(info_num(&r, "utmem_host_down_fallbacks"), 2);
     assert_eq!(info_num(&r, "utmem_inline_values"), 2);
 }
+
+/// COPY of an offloaded key while the host does not answer: the copy reads the
+/// source's bytes (which stay on the host even after the source key is deleted) until
+/// the host has made the copy; nothing is lost, and the host ends with exactly the
+/// copy.
+#[test]
+fn copy_while_the_host_is_stopped_loses_nothing() {
+    let d = Daemon::start(&[]);
+    let r = Redis::start(
+        &[
+            "transport",
+            &d.spec(),
+            "threshold",
+            "1024",
+            "timeout-ms",
+            "500",
+        ],
+        &[],
+    );
+    let mut c = r.conn();
+    let v = pattern(9, 7000);
+    assert_eq!(utmem_set(&mut c, "src", &v).unwrap(), "OK");
+    d.signal(Signal::SIGSTOP);
+    let copied: i64 = redis::cmd("COPY")
+        .arg("src")
+        .arg("dst")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(copied, 1);
+    let _: i64 = redis::cmd("DEL").arg("src").query(&mut c).unwrap();
+    // The COPY times out on the host's side of things.
+    thread::sleep(Duration::from_millis(1200));
+    d.signal(Signal::SIGCONT);
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("utmem.mapped-read-max")
+        .arg("0")
+        .query(&mut c)
+        .unwrap();
+    let t0 = Instant::now();
+    loop {
+        match redis::cmd("UTMEM.GET").arg("dst").query::<Vec<u8>>(&mut c) {
+            Ok(got) => {
+                assert!(got == v, "the copy has other bytes");
+                break;
+            }
+            Err(e) => {
+                assert!(
+                    !e.to_string().contains("UTMEMLOST"),
+                    "the copy was lost: {e}"
+                );
+                assert!(t0.elapsed() < Duration::from_secs(10), "{e}");
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    // The retried COPY lands, the source's bytes are flushed: one value on the host.
+    let pool = format!("redis-{}", r.port);
+    assert_eq!(d.wait_pool_values(&pool, 1).0, 1);
+    thread::sleep(Duration::from_millis(1500));
+    assert_eq!(d.pool_usage(&pool), (1, 7000));
+    let got: Vec<u8> = redis::cmd("UTMEM.GET").arg("dst").query(&mut c).unwrap();
+    assert!(got == v);
+}

@@ -474,3 +474,106 @@ fn forks_under_load_always_complete() {
         "host bytes after FLUSHALL"
     );
 }
+
+fn q<T: redis::FromRedisValue>(c: &mut Connection, args: &[&[u8]]) -> T {
+    let mut cmd = redis::cmd(std::str::from_utf8(args[0]).expect("utf8"));
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query(c)
+        .unwrap_or_else(|e| panic!("{:?}: {e}", String::from_utf8_lossy(args[0])))
+}
+
+/// UTMEM.RECALL swaps on the main thread and propagates as the plain write it is: a
+/// replica and an AOF replay end with the same plain string (and TTL) as the master,
+/// even with a write right after it, inside MULTI and Lua too; RECALLALL reaches the
+/// replica and the AOF as well.
+#[test]
+fn recall_is_a_plain_write_on_replicas_and_in_the_aof() {
+    let d = Daemon::start(&[]);
+    let ma = module_args(&d);
+    let mut master = Redis::start(
+        &args(&ma),
+        // `always`: the restart below is a SIGKILL, and with `everysec` a busy disk lets
+        // Redis postpone writing the AOF buffer by up to two seconds.
+        &[
+            "--appendonly",
+            "yes",
+            "--aof-use-rdb-preamble",
+            "no",
+            "--appendfsync",
+            "always",
+            "--repl-diskless-sync-delay",
+            "0",
+        ],
+    );
+    let mut m = master.conn();
+    let port = master.port.to_string();
+    let replica = Redis::start(&args(&ma), &["--replicaof", "127.0.0.1", &port]);
+    let t0 = Instant::now();
+    while replica.info("replication", "master_link_status") != "up" {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "replica never synced"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut r = replica.conn();
+    mapped_reads_off(&mut m);
+    let v = |k: u64| pattern(k, 5000);
+    for k in 0..8u64 {
+        let _: () = q(&mut m, &[b"UTMEM.SET", format!("k{k}").as_bytes(), &v(k)]);
+    }
+    let _: i64 = q(&mut m, &[b"EXPIRE", b"k0", b"1000"]);
+    // Plain client: the fetch blocks it, the swap runs on the main thread.
+    assert_eq!(q::<i64>(&mut m, &[b"UTMEM.RECALL", b"k0"]), 1);
+    let _: i64 = q(&mut m, &[b"APPEND", b"k0", b"+x"]);
+    // MULTI and Lua: synchronously.
+    let _: () = q(&mut m, &[b"MULTI"]);
+    let _: () = q(&mut m, &[b"UTMEM.RECALL", b"k1"]);
+    let _: () = q(&mut m, &[b"APPEND", b"k1", b"+y"]);
+    let ex: redis::RedisResult<Value> = redis::cmd("EXEC").query(&mut m);
+    assert!(ex.is_ok(), "EXEC: {ex:?} {}", master.log());
+    let _: i64 = q(
+        &mut m,
+        &[
+            b"EVAL",
+            b"redis.call('UTMEM.RECALL', KEYS[1]) return redis.call('APPEND', KEYS[1], '+z')",
+            b"1",
+            b"k2",
+        ],
+    );
+    // RECALLALL: the rest.
+    let _: () = q(&mut m, &[b"UTMEM.RECALLALL"]);
+    while master.info("utmem", "utmem_recall_running") != "0" {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _: i64 = q(&mut m, &[b"WAIT", b"1", b"5000"]);
+    let expect = |k: u64| {
+        let mut want = v(k);
+        want.extend_from_slice(match k {
+            0 => b"+x".as_slice(),
+            1 => b"+y",
+            2 => b"+z",
+            _ => b"",
+        });
+        want
+    };
+    let verify = |c: &mut Connection, who: &str| {
+        for k in 0..8u64 {
+            let key = format!("k{k}");
+            let t: String = q(c, &[b"TYPE", key.as_bytes()]);
+            assert_eq!(t, "string", "{who}: {key} is still {t}");
+            let got: Vec<u8> = q(c, &[b"GET", key.as_bytes()]);
+            assert!(got == expect(k), "{who}: {key} differs");
+        }
+        let ttl: i64 = q(c, &[b"TTL", b"k0"]);
+        assert!(ttl > 900, "{who}: TTL {ttl}");
+    };
+    verify(&mut m, "master");
+    verify(&mut r, "replica");
+    drop(m);
+    master.restart();
+    let mut m = master.conn();
+    verify(&mut m, "master after AOF replay");
+}
