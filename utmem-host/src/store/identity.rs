@@ -50,6 +50,8 @@ pub struct Identity {
     pub(crate) pools: RwLock<PoolTable>,
     pub(crate) dropped: AtomicBool,
     connections: AtomicUsize,
+    /// Connections over the cap still waiting for their DENIED reply.
+    refusals_pending: AtomicUsize,
     last_seen: Mutex<Instant>,
     /// The value arena its local clients map, made on the first MAP.
     pub(crate) arena: Mutex<Option<Arc<super::Arena>>>,
@@ -67,6 +69,7 @@ impl Identity {
             pools: RwLock::new(PoolTable::default()),
             dropped: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
+            refusals_pending: AtomicUsize::new(0),
             last_seen: Mutex::new(Instant::now()),
             arena: Mutex::new(None),
         }
@@ -135,6 +138,19 @@ impl Identity {
         let pool = t.by_id.remove(&id)?;
         t.by_kind.retain(|_, v| *v != id);
         Some(pool)
+    }
+
+    /// Counts a connection over the cap that will be answered DENIED, unless `max`
+    /// such are pending already (then it is closed at once); false then.
+    pub fn try_refuse(&self, max: usize) -> bool {
+        self.refusals_pending
+            .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
+            .is_ok()
+    }
+
+    /// A refused connection ended.
+    pub fn refusal_done(&self) {
+        self.refusals_pending.fetch_sub(1, Relaxed);
     }
 
     /// A connection of this identity began.
