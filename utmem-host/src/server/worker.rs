@@ -142,8 +142,9 @@ impl Worker {
                 Interest::READABLE | Interest::WRITABLE,
             ) {
                 tracing::error!("cannot watch a connection: {e}");
-                if c.refused.is_none() {
-                    c.ident.disconnected();
+                match c.refused {
+                    None => c.ident.disconnected(),
+                    Some(_) => c.ident.refusal_done(),
                 }
                 self.free.push(i);
                 self.load.fetch_sub(1, Relaxed);
