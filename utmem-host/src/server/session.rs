@@ -234,39 +234,42 @@ impl Session {
         true
     }
 
-    /// Does what the socket allows: writes queued replies, reads and serves requests.
+    /// Does what the socket allows: reads and serves requests, and writes the queued
+    /// replies whenever reading stops (nothing more to read, too many replies queued,
+    /// the budget spent, or the session closing), so replies go out in batches.
     pub fn drive(&mut self) -> Drive {
         let mut budget = DRIVE_BUDGET;
         loop {
-            match self.flush() {
-                Ok(()) => {}
-                Err(e) => {
+            if self.closing.is_some() || self.paused() || budget == 0 {
+                if let Err(e) = self.flush() {
                     self.closing = Some(Err(e.into()));
                     return Drive::Done;
                 }
-            }
-            let drained = self.out.is_empty() && self.map_reply.is_none();
-            if self.closing.is_some() {
-                return if drained { Drive::Done } else { Drive::Wait };
-            }
-            if self.paused() {
-                return Drive::Wait;
-            }
-            if budget == 0 {
-                return Drive::More;
+                let drained = self.out.is_empty() && self.map_reply.is_none();
+                if self.closing.is_some() {
+                    return if drained { Drive::Done } else { Drive::Wait };
+                }
+                if self.paused() {
+                    return Drive::Wait;
+                }
+                if budget == 0 {
+                    return Drive::More;
+                }
             }
             match self.step(&mut budget) {
                 Ok(true) => {}
                 Ok(false) => {
-                    // The socket has nothing more now; push out what is queued.
-                    if let Err(e) = self.flush() {
-                        self.closing = Some(Err(e.into()));
-                        return Drive::Done;
-                    }
                     if self.closing.is_some() {
                         continue;
                     }
-                    return Drive::Wait;
+                    // The socket has nothing more now: push out what is queued.
+                    return match self.flush() {
+                        Ok(()) => Drive::Wait,
+                        Err(e) => {
+                            self.closing = Some(Err(e.into()));
+                            Drive::Done
+                        }
+                    };
                 }
                 Err(e) => self.close(Err(e)),
             }
