@@ -12,4 +12,6 @@ pub mod config;
 pub mod server;
 pub mod store;
 
-pub use store::{HostSnapshot, Identity, Policy, Pool, SharedGrant, Store};
+pub use store::{
+    HostSnapshot, Identity, Policy, Pool, SharedGrant, Store, StoreOptions, VALUE_OVERHEAD,
+};

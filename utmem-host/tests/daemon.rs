@@ -230,7 +230,9 @@ fn quota_isolates_identities_and_bounds_memory() {
             s => panic!("unexpected {s}"),
         }
     }
-    assert_eq!(stored, 128, "exactly the quota fits");
+    // Each value is charged its length plus the per-value overhead.
+    let fit = 128 * MIB / (MIB + utmem_host::VALUE_OVERHEAD);
+    assert_eq!(stored, fit, "exactly the quota fits");
     // The refused PUT left the old value of an existing key intact.
     assert_eq!(
         ca.put(pa, Key::new(0, 0), &vec![1u8; 2 << 20]),
@@ -238,7 +240,7 @@ fn quota_isolates_identities_and_bounds_memory() {
     );
     assert_eq!(ca.get(pa, Key::new(0, 0)), Ok(va.clone()));
     let sa = ca.stats();
-    assert_eq!((sa.values, sa.bytes, sa.refusals), (128, 128 * MIB, 2));
+    assert_eq!((sa.values, sa.bytes, sa.refusals), (fit, fit * MIB, 2));
     // vm-b is untouched and still has its own quota left.
     for i in 0..32 {
         assert_eq!(cb.get(pb, Key::new(i, 0)), Ok(vb.clone()));
@@ -261,7 +263,11 @@ fn quota_isolates_identities_and_bounds_memory() {
         names.contains(&"vm-a") && names.contains(&"vm-b"),
         "{names:?}"
     );
-    assert_eq!(snap.used, 161 * MIB);
+    assert_eq!(snap.used, (fit + 33) * MIB);
+    assert_eq!(
+        snap.charged,
+        (fit + 33) * (MIB + utmem_host::VALUE_OVERHEAD)
+    );
 }
 
 #[test]

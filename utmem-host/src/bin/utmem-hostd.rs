@@ -9,8 +9,11 @@ use clap::{Parser, Subcommand};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use utmem_host::admin;
 use utmem_host::config::{default_capacity, parse_size, ConfigFile, ListenSpec};
-use utmem_host::server::{spawn_acceptor, Listener};
-use utmem_host::{Policy, Store};
+use utmem_host::server::{
+    default_io_threads, serve as serve_listeners, Listener, ServerConfig, Timeouts,
+    DEFAULT_MAX_CONNECTIONS,
+};
+use utmem_host::{Policy, Store, StoreOptions, VALUE_OVERHEAD};
 use utmem_proto::{DEFAULT_MAX_VALUE, MIN_MAX_VALUE};
 
 /// The utmem host daemon: keeps guests' large values in memory pools on the host.
@@ -35,9 +38,25 @@ struct ServeArgs {
     /// Cap on the bytes of each identity (a cap, not a reservation). Default: the capacity.
     #[arg(long, value_parser = parse_size)]
     quota: Option<u64>,
-    /// Largest value a guest may store (at least 512M).
+    /// Largest value a guest may store: at least 512M (the default, Redis's bulk
+    /// limit); it can only be raised.
     #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_MAX_VALUE)]
     max_value: u64,
+    /// Connections one identity may have open; more are answered DENIED and closed.
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
+    /// Pools one identity may have open; NEW_POOL beyond is answered NO_SPACE.
+    #[arg(long, default_value_t = DEFAULT_MAX_POOLS, value_parser = clap::value_parser!(u64).range(1..))]
+    max_pools: u64,
+    /// Drop a connection that stalls in the middle of a request for this long.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    read_timeout: Duration,
+    /// Drop a connection that takes none of its waiting replies for this long.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    write_timeout: Duration,
+    /// Threads serving the connections. Default: one per core, at most 4.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
+    io_threads: Option<u64>,
     /// TOML file with per-identity quotas and shared-pool grants; re-read on SIGHUP.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -47,8 +66,9 @@ struct ServeArgs {
     /// Drop the pools of an identity that has had no connection for this long (e.g. 1h).
     #[arg(long, value_parser = humantime::parse_duration)]
     idle_expiry: Option<Duration>,
-    /// Log filter (error, warn, info, debug, trace); RUST_LOG overrides it.
-    #[arg(long, default_value = "info")]
+    /// Log level; RUST_LOG overrides it.
+    #[arg(long, default_value = "info",
+          value_parser = ["off", "error", "warn", "info", "debug", "trace"])]
     log_level: String,
 }
 
@@ -72,6 +92,9 @@ enum Command {
         admin: String,
     },
 }
+
+/// Default `--max-pools` (per identity).
+const DEFAULT_MAX_POOLS: u64 = 1024;
 
 fn admin_path(spec: &str) -> PathBuf {
     PathBuf::from(spec.strip_prefix("unix:").unwrap_or(spec))
@@ -170,7 +193,27 @@ fn run(args: ServeArgs) -> Result<(), String> {
     // Signals first, so a signal that arrives during start-up still cleans up.
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    let store = Arc::new(Store::new(s.capacity, args.max_value, s.policy));
+    let opts = StoreOptions {
+        value_overhead: VALUE_OVERHEAD,
+        max_pools: usize::try_from(args.max_pools).unwrap_or(usize::MAX),
+    };
+    let store = Arc::new(Store::with_options(
+        s.capacity,
+        args.max_value,
+        s.policy,
+        opts,
+    ));
+    let server = ServerConfig {
+        max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+        timeouts: Timeouts {
+            read: args.read_timeout,
+            write: args.write_timeout,
+        },
+        io_threads: args
+            .io_threads
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or_else(default_io_threads),
+    };
     let mut created: Vec<PathBuf> = Vec::new();
     let cleanup = |created: &[PathBuf]| {
         for p in created {
@@ -200,13 +243,21 @@ fn run(args: ServeArgs) -> Result<(), String> {
             }
         }
     }
-    for l in listeners {
+    for l in &listeners {
         tracing::info!("listening on {}", l.describe());
-        spawn_acceptor(l, Arc::clone(&store));
+    }
+    if !listeners.is_empty() {
+        serve_listeners(listeners, Arc::clone(&store), server).map_err(|e| {
+            cleanup(&created);
+            format!("cannot start the server threads: {e}")
+        })?;
     }
     tracing::info!(
         capacity = s.capacity,
         max_value = args.max_value,
+        max_connections = server.max_connections,
+        max_pools = opts.max_pools,
+        io_threads = server.io_threads,
         "utmem-hostd ready"
     );
     if let Some(idle) = args.idle_expiry {

@@ -1,83 +1,71 @@
-//! The daemon's network side: listeners, one thread per connection, sessions.
+//! The daemon's network side: listeners, an accept thread, a few I/O threads that
+//! serve every connection (no thread per connection), sessions.
 
+mod acceptor;
 mod listener;
 mod session;
+mod worker;
 
 pub use listener::{bind_unix, ListenError, Listener};
-pub use session::{Session, SessionError, OWN_BUFFER_AT};
+pub use session::{Session, SessionError, Timeouts, MAX_QUEUED, OWN_BUFFER_AT};
 
 use std::sync::Arc;
-use std::thread;
+use std::time::Duration;
 
 use crate::store::Store;
 
-/// Accepts connections on `listener` forever, one thread per connection.
-pub fn spawn_acceptor(listener: Listener, store: Arc<Store>) -> thread::JoinHandle<()> {
-    let what = listener.describe();
-    thread::Builder::new()
-        .name("utmem-accept".into())
-        .spawn(move || match listener {
-            Listener::Unix { sock, name, .. } => {
-                for conn in sock.incoming() {
-                    let conn = match conn {
-                        Ok(c) => c,
-                        Err(e) => {
-                            tracing::warn!(listener = %what, "accept failed: {e}");
-                            continue;
-                        }
-                    };
-                    let ident = match &name {
-                        Some(n) => n.clone(),
-                        None => match listener::unix_peer_identity(&conn) {
-                            Ok(n) => n,
-                            Err(e) => {
-                                tracing::warn!("cannot read peer credentials, closing: {e}");
-                                continue;
-                            }
-                        },
-                    };
-                    // Only a plain local socket (identity = peer uid) may map the arena: a
-                    // named listener is a VMM's hybrid vsock, where descriptors cannot travel.
-                    spawn_session(conn, ident, Arc::clone(&store), name.is_none());
-                }
-            }
-            Listener::Vsock { sock, .. } => loop {
-                match sock.accept() {
-                    Ok((conn, addr)) => {
-                        let ident = listener::vsock_peer_identity(&addr);
-                        spawn_session(conn, ident, Arc::clone(&store), false);
-                    }
-                    Err(e) => tracing::warn!(listener = %what, "accept failed: {e}"),
-                }
-            },
-        })
-        .unwrap_or_else(|e| panic!("cannot start the accept thread: {e}"))
+/// Limits of the network side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Connections one identity may have open; more are answered DENIED and closed.
+    pub max_connections: usize,
+    /// Read and write timeouts of a connection.
+    pub timeouts: Timeouts,
+    /// I/O threads serving the connections.
+    pub io_threads: usize,
 }
 
-fn spawn_session<S>(conn: S, ident: String, store: Arc<Store>, can_map: bool)
-where
-    S: std::os::fd::AsFd + Send + 'static,
-{
-    let spawned = thread::Builder::new()
-        .name(format!("utmem-{ident}"))
-        .spawn(move || {
-            let identity = store.identity(&ident);
-            identity.connected();
-            tracing::debug!(identity = %ident, "connected");
-            let mut session = Session::new(conn, &store, identity, can_map);
-            let result = session.run();
-            let identity = Arc::clone(session.identity());
-            drop(session);
-            identity.disconnected();
-            match result {
-                Ok(()) => tracing::debug!(identity = %ident, "disconnected"),
-                Err(SessionError::Io(e)) => {
-                    tracing::info!(identity = %ident, "connection lost: {e}")
-                }
-                Err(e) => tracing::warn!(identity = %ident, "closing connection: {e}"),
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::error!("cannot start a connection thread: {e}");
+/// Default `--max-connections` (per identity).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default `--read-timeout` and `--write-timeout`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            timeouts: Timeouts {
+                read: DEFAULT_TIMEOUT,
+                write: DEFAULT_TIMEOUT,
+            },
+            io_threads: default_io_threads(),
+        }
+    }
+}
+
+/// One I/O thread per core, at most four.
+pub fn default_io_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 4)
+}
+
+/// Serves `listeners` with `cfg`: starts the I/O threads and the accept thread.
+pub fn serve(
+    listeners: Vec<Listener>,
+    store: Arc<Store>,
+    cfg: ServerConfig,
+) -> std::io::Result<()> {
+    let workers = (0..cfg.io_threads.max(1))
+        .map(|n| worker::spawn(n, Arc::clone(&store), cfg.timeouts))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    acceptor::spawn(listeners, store, workers, cfg.max_connections)?;
+    Ok(())
+}
+
+/// Serves one listener with the default limits (benches and embedders).
+pub fn spawn_acceptor(listener: Listener, store: Arc<Store>) {
+    if let Err(e) = serve(vec![listener], store, ServerConfig::default()) {
+        panic!("cannot start the server threads: {e}");
     }
 }

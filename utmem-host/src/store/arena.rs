@@ -17,7 +17,13 @@
 //! parked until that word has moved on, so bytes are never reused under a reader that
 //! saw a valid stamp. A reader that never moves on keeps only its own identity's
 //! freed space parked, and only while its connection lasts (plus a second's grace);
-//! a connection may MAP once.
+//! a connection may MAP once. Parked space is capped (an eighth of the arena): past
+//! the cap, the words that pin the oldest parked extents are revoked (no longer
+//! honoured) and the daemon drops their connections.
+//!
+//! Clients get a read-only descriptor of the arena (the memfd reopened read-only
+//! through `/proc/self/fd`, the memfd itself then made mode 0), so their mapping
+//! cannot be made writable and they cannot punch holes or write into it.
 //!
 //! The store keeps arena values as ordinary [`Bytes`] (`Bytes::from_owner`): the
 //! extent is released when the last reference goes, so a socket GET in the middle
@@ -35,7 +41,7 @@ use std::fs::File;
 use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -53,6 +59,8 @@ const PAGE: u64 = 4096;
 #[derive(Debug)]
 pub struct Arena {
     file: File,
+    /// The same memfd, opened read-only: what clients receive.
+    read_only: File,
     map: Mmap,
     len: u64,
     next_stamp: AtomicU64,
@@ -69,6 +77,9 @@ pub struct ReaderWord {
     /// [`CLOSED_GRACE`] whatever it says (a reader that is gone or misbehaves must not
     /// pin space or descriptors for ever).
     closed: Mutex<Option<Instant>>,
+    /// Set when it pinned more parked space than the cap: no longer honoured; the
+    /// connection that owns it is dropped.
+    revoked: AtomicBool,
 }
 
 /// How long a reader word is honoured after its connection ended. A client drops its
@@ -92,10 +103,16 @@ impl ReaderWord {
         lock(&self.closed).get_or_insert_with(Instant::now);
     }
 
+    /// True once the arena stopped honouring this word (it stayed odd while parked
+    /// space grew past the cap): its connection must be dropped.
+    pub fn is_revoked(&self) -> bool {
+        self.revoked.load(Ordering::Relaxed)
+    }
+
     /// Whether a reader behind this word may still be inside the value it was in when
     /// the word read `v`.
     fn still_at(&self, v: u64) -> bool {
-        self.word().load(Ordering::SeqCst) == v && !self.expired()
+        self.word().load(Ordering::SeqCst) == v && !self.expired() && !self.is_revoked()
     }
 
     fn expired(&self) -> bool {
@@ -103,8 +120,9 @@ impl ReaderWord {
     }
 
     fn forgettable(&self) -> bool {
-        lock(&self.closed).is_some()
-            && (self.word().load(Ordering::SeqCst).is_multiple_of(2) || self.expired())
+        self.is_revoked()
+            || lock(&self.closed).is_some()
+                && (self.word().load(Ordering::SeqCst).is_multiple_of(2) || self.expired())
     }
 }
 
@@ -144,14 +162,30 @@ fn memfd(name: &str, len: u64) -> io::Result<File> {
     Ok(file)
 }
 
+/// `file` opened again, read-only, through `/proc/self/fd`; the memfd is then made
+/// mode 0, so that a client cannot open it for writing that way either.
+fn reopen_read_only(file: &File) -> io::Result<File> {
+    let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let ro = std::fs::OpenOptions::new().read(true).open(path)?;
+    // SAFETY: fchmod on a descriptor we own.
+    if unsafe { libc::fchmod(file.as_raw_fd(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ro)
+}
+
 #[derive(Debug, Default)]
 struct FreeMap {
     by_off: BTreeMap<u64, u64>,
     by_len: BTreeSet<(u64, u64)>,
     /// Bytes freed since the last trim.
     dirty: u64,
-    /// Released extents a reader may still be reading.
+    /// Released extents a reader may still be reading, oldest first.
     parked: Vec<Parked>,
+    /// Their bytes.
+    parked_bytes: u64,
+    /// Cap on `parked_bytes`.
+    parked_cap: u64,
     /// Trim once `dirty` reaches this.
     trim_at: u64,
 }
@@ -213,8 +247,10 @@ impl Arena {
         let file = memfd(&format!("utmem-arena-{name}"), len)?;
         let size = usize::try_from(len).map_err(io::Error::other)?;
         let map = Mmap::new(file.as_fd(), size, true)?;
+        let read_only = reopen_read_only(&file)?;
         let mut free = FreeMap {
             trim_at: (len / 8).clamp(4 << 20, 64 << 20),
+            parked_cap: len / 8,
             ..FreeMap::default()
         };
         free.insert(0, len);
@@ -225,6 +261,7 @@ impl Arena {
             .finish();
         Ok(Arc::new(Arena {
             file,
+            read_only,
             map,
             len,
             next_stamp: AtomicU64::new(seed | 1),
@@ -241,6 +278,7 @@ impl Arena {
             file,
             map,
             closed: Mutex::new(None),
+            revoked: AtomicBool::new(false),
         });
         let mut readers = lock(&self.readers);
         readers.retain(|r| !r.forgettable());
@@ -271,9 +309,9 @@ impl Arena {
         self.len == 0
     }
 
-    /// The memfd a client maps.
+    /// The descriptor a client maps: read-only.
     pub fn fd(&self) -> BorrowedFd<'_> {
-        self.file.as_fd()
+        self.read_only.as_fd()
     }
 
     /// Room for a value of `len` bytes; `None` if the arena has no free range that long.
@@ -314,6 +352,8 @@ impl Arena {
                 len: ext,
                 busy,
             });
+            free.parked_bytes += ext;
+            Self::revoke_stuck(&mut free);
             return;
         }
         free.release(off, ext);
@@ -333,7 +373,30 @@ impl Arena {
             if p.still_busy() {
                 free.parked.push(p);
             } else {
+                free.parked_bytes -= p.len;
                 free.release(p.off, p.len);
+            }
+        }
+    }
+
+    /// While parked space is over the cap, revokes the words that still pin the
+    /// oldest parked extent (a reader inside a value for microseconds has moved on
+    /// long before; one stuck odd has not), then frees what they pinned.
+    fn revoke_stuck(free: &mut FreeMap) {
+        while free.parked_bytes > free.parked_cap {
+            Self::unpark(free);
+            let Some(oldest) = free.parked.first() else {
+                return;
+            };
+            for (r, v) in &oldest.busy {
+                if r.still_at(*v) {
+                    r.revoked.store(true, Ordering::Relaxed);
+                    tracing::warn!(
+                        parked = free.parked_bytes,
+                        cap = free.parked_cap,
+                        "a reader word stayed odd while released space piled up: revoked"
+                    );
+                }
             }
         }
     }
@@ -523,6 +586,45 @@ mod tests {
         drop(w);
         assert_eq!(a.free_bytes(), a.len(), "freed after the grace");
         assert!(lock(&a.readers).is_empty(), "and the word forgotten");
+    }
+
+    #[test]
+    fn a_reader_stuck_odd_is_revoked_at_the_parking_cap() {
+        let a = Arena::new("t", 1 << 20).unwrap();
+        let stuck = a.new_reader().unwrap();
+        let fine = a.new_reader().unwrap();
+        stuck.word().fetch_add(1, Ordering::SeqCst); // inside, for ever
+        let cap = a.len() / 8;
+        let mut parked = 0;
+        while parked <= cap {
+            let (v, _) = a.place(&[3u8; 4000]).unwrap();
+            drop(v);
+            parked += extent_len(4000);
+            assert_eq!(stuck.is_revoked(), parked > cap, "parked {parked}");
+        }
+        assert!(!fine.is_revoked());
+        assert_eq!(
+            a.free_bytes(),
+            a.len(),
+            "everything it pinned is free again"
+        );
+        assert!(lock(&a.free).parked.is_empty());
+    }
+
+    #[test]
+    fn clients_get_a_read_only_descriptor() {
+        let a = Arena::new("t", 1 << 20).unwrap();
+        // SAFETY: F_GETFL on a descriptor we own.
+        let flags = unsafe { libc::fcntl(a.fd().as_raw_fd(), libc::F_GETFL) };
+        assert_eq!(flags & libc::O_ACCMODE, libc::O_RDONLY);
+        assert!(
+            Mmap::new(a.fd(), 4096, true).is_err(),
+            "no writable mapping"
+        );
+        assert!(Mmap::new(a.fd(), 4096, false).is_ok());
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: fallocate on a descriptor we own; it must fail.
+        assert!(unsafe { libc::fallocate(a.fd().as_raw_fd(), mode, 0, 4096) } < 0);
     }
 
     #[test]

@@ -40,14 +40,18 @@ pub(crate) struct PoolTable {
 pub struct Identity {
     pub(crate) name: String,
     pub(crate) quota: AtomicU64,
-    /// Value bytes charged to this identity.
+    /// Value bytes held by this identity's pools.
     pub(crate) used: AtomicU64,
+    /// Bytes charged to it (values, their overhead, PUTs in flight): capped by the quota.
+    pub(crate) charged: AtomicU64,
     /// Values charged to this identity.
     pub(crate) values: AtomicU64,
     pub(crate) counters: Counters,
     pub(crate) pools: RwLock<PoolTable>,
     pub(crate) dropped: AtomicBool,
     connections: AtomicUsize,
+    /// Connections over the cap still waiting for their DENIED reply.
+    refusals_pending: AtomicUsize,
     last_seen: Mutex<Instant>,
     /// The value arena its local clients map, made on the first MAP.
     pub(crate) arena: Mutex<Option<Arc<super::Arena>>>,
@@ -59,11 +63,13 @@ impl Identity {
             name,
             quota: AtomicU64::new(quota),
             used: AtomicU64::new(0),
+            charged: AtomicU64::new(0),
             values: AtomicU64::new(0),
             counters: Counters::default(),
             pools: RwLock::new(PoolTable::default()),
             dropped: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
+            refusals_pending: AtomicUsize::new(0),
             last_seen: Mutex::new(Instant::now()),
             arena: Mutex::new(None),
         }
@@ -79,9 +85,31 @@ impl Identity {
         self.quota.load(Relaxed)
     }
 
-    /// Value bytes charged to it.
+    /// Value bytes its pools hold.
     pub fn used(&self) -> u64 {
         self.used.load(Relaxed)
+    }
+
+    /// Bytes charged to it: value bytes, per-value overhead and PUTs in flight.
+    pub fn charged(&self) -> u64 {
+        self.charged.load(Relaxed)
+    }
+
+    /// Connections open now.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Relaxed)
+    }
+
+    /// Counts a new connection unless `max` are open already; false then.
+    pub fn try_connect(&self, max: usize) -> bool {
+        let ok = self
+            .connections
+            .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
+            .is_ok();
+        if ok {
+            *lock(&self.last_seen) = Instant::now();
+        }
+        ok
     }
 
     /// True once the operator dropped it: its pools are gone; reconnect to get a fresh one.
@@ -110,6 +138,19 @@ impl Identity {
         let pool = t.by_id.remove(&id)?;
         t.by_kind.retain(|_, v| *v != id);
         Some(pool)
+    }
+
+    /// Counts a connection over the cap that will be answered DENIED, unless `max`
+    /// such are pending already (then it is closed at once); false then.
+    pub fn try_refuse(&self, max: usize) -> bool {
+        self.refusals_pending
+            .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
+            .is_ok()
+    }
+
+    /// A refused connection ended.
+    pub fn refusal_done(&self) {
+        self.refusals_pending.fetch_sub(1, Relaxed);
     }
 
     /// A connection of this identity began.

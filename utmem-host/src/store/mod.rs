@@ -6,12 +6,21 @@
 //! the caller identity's pool table for reading and then one pool's mutex;
 //! byte accounting is lock-free (atomic reservations against the quota and
 //! the capacity). No operation holds two pool locks at once.
+//!
+//! Accounting: every value is *charged* its length plus a fixed per-value
+//! overhead ([`StoreOptions::value_overhead`], the host's own bookkeeping for it),
+//! so an empty value is not free; quotas and the capacity cap the charge. The
+//! byte counts that STATS and the admin view show stay the values' lengths. A PUT
+//! over a socket reserves its charge when its header arrives ([`Store::reserve_put`])
+//! and stores the payload later ([`Store::commit_put`]); a reservation not committed
+//! is given back when dropped.
 
 mod arena;
 mod eviction;
 mod identity;
 mod policy;
 mod pool;
+mod reservation;
 mod snapshot;
 
 pub use arena::{extent_len, Arena, ArenaBuf, ReaderWord};
@@ -19,6 +28,7 @@ pub use eviction::{EvictionPolicy, Lru};
 pub use identity::Identity;
 pub use policy::{Policy, SharedGrant};
 pub use pool::Pool;
+pub use reservation::Reservation;
 pub use snapshot::{HostSnapshot, IdentitySnapshot, PoolSnapshot};
 
 use std::collections::HashMap;
@@ -35,12 +45,39 @@ use pool::{PoolInner, Removed};
 /// Identities of shared pools' own accounts start with this prefix.
 pub const SHARED_ACCOUNT_PREFIX: &str = "shared:";
 
+/// Per-value charge and per-identity caps of a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// Bytes charged per value on top of its length (the host's bookkeeping for it).
+    pub value_overhead: u64,
+    /// Pools an identity may have open at once.
+    pub max_pools: usize,
+}
+
+impl Default for StoreOptions {
+    /// Exact value bytes, no pool cap: what [`Store::new`] gives (the daemon sets both).
+    fn default() -> Self {
+        StoreOptions {
+            value_overhead: 0,
+            max_pools: usize::MAX,
+        }
+    }
+}
+
+/// What `utmem-hostd` charges per value: measured at 96 bytes per stored empty
+/// value (map node, `Bytes` handle, allocation), rounded up.
+pub const VALUE_OVERHEAD: u64 = 128;
+
 /// The pool store.
 #[derive(Debug)]
 pub struct Store {
     capacity: u64,
     max_value: u64,
+    opts: StoreOptions,
+    /// Value bytes held host-wide.
     used: AtomicU64,
+    /// Bytes charged host-wide (values, their overhead, reservations), capped by `capacity`.
+    charged: Arc<AtomicU64>,
     identities: RwLock<HashMap<String, Arc<Identity>>>,
     shared: Mutex<HashMap<PoolUuid, Arc<Pool>>>,
     policy: RwLock<Policy>,
@@ -49,10 +86,17 @@ pub struct Store {
 impl Store {
     /// A store holding at most `capacity` value bytes, values of at most `max_value` bytes.
     pub fn new(capacity: u64, max_value: u64, policy: Policy) -> Self {
+        Self::with_options(capacity, max_value, policy, StoreOptions::default())
+    }
+
+    /// Like [`Store::new`], with a per-value overhead and per-identity caps.
+    pub fn with_options(capacity: u64, max_value: u64, policy: Policy, opts: StoreOptions) -> Self {
         Store {
             capacity,
             max_value,
+            opts,
             used: AtomicU64::new(0),
+            charged: Arc::new(AtomicU64::new(0)),
             identities: RwLock::new(HashMap::new()),
             shared: Mutex::new(HashMap::new()),
             policy: RwLock::new(policy),
@@ -72,6 +116,16 @@ impl Store {
     /// Value bytes held host-wide.
     pub fn used(&self) -> u64 {
         self.used.load(Relaxed)
+    }
+
+    /// Bytes charged host-wide: values, their overhead and PUTs in flight.
+    pub fn charged(&self) -> u64 {
+        self.charged.load(Relaxed)
+    }
+
+    /// What a value of `len` bytes is charged.
+    pub fn charge_of(&self, len: u64) -> u64 {
+        len.saturating_add(self.opts.value_overhead)
     }
 
     /// The identity named `name`, created on first use.
@@ -133,13 +187,26 @@ impl Store {
         if caller.is_dropped() {
             return Err(Status::Denied);
         }
-        if let Some(id) = read(&caller.pools).by_kind.get(&req.kind) {
-            let pool = caller.pool(*id).ok_or(Status::UnknownPool)?;
-            return if pool.ephemeral == req.ephemeral {
-                Ok(*id)
-            } else {
-                Err(Status::BadRequest)
-            };
+        let known = read(&caller.pools).by_kind.get(&req.kind).copied();
+        if let Some(id) = known {
+            match caller.pool(id) {
+                // A shared pool another grantee destroyed (or the operator dropped):
+                // this handle is dead; opening the uuid again gives a fresh pool.
+                Some(pool) if pool.lock().destroyed => {
+                    caller.forget(id);
+                }
+                Some(pool) if pool.ephemeral == req.ephemeral => return Ok(id),
+                Some(_) => return Err(Status::BadRequest),
+                None => return Err(Status::UnknownPool),
+            }
+        }
+        if read(&caller.pools).by_id.len() >= self.opts.max_pools {
+            tracing::warn!(
+                identity = %caller.name,
+                max_pools = self.opts.max_pools,
+                "NEW_POOL refused: the identity has as many pools open as it may"
+            );
+            return Err(Status::NoSpace);
         }
         let pool = match &req.kind {
             PoolKind::Private(_) => Arc::new(Pool::new(
@@ -152,6 +219,11 @@ impl Store {
                     return Err(Status::Denied);
                 }
                 let mut shared = lock(&self.shared);
+                // A pool destroyed behind the map's back (drop-identity of its account)
+                // is gone: the uuid starts over.
+                if shared.get(uuid).is_some_and(|p| p.lock().destroyed) {
+                    shared.remove(uuid);
+                }
                 if let Some(p) = shared.get(uuid) {
                     if p.ephemeral != req.ephemeral {
                         return Err(Status::BadRequest);
@@ -163,25 +235,31 @@ impl Store {
                         uuid::Uuid::from_bytes(uuid.0)
                     ));
                     let p = Arc::new(Pool::new(req.kind.clone(), req.ephemeral, account));
-                    Self::register(&p.account, &p);
+                    Self::register(&p.account, &p)?;
                     shared.insert(*uuid, Arc::clone(&p));
                     p
                 }
             }
         };
-        Ok(Self::register(caller, &pool))
+        Self::register(caller, &pool)
     }
 
-    fn register(ident: &Identity, pool: &Arc<Pool>) -> PoolId {
+    /// Gives `pool` a handle in `ident`. Handles are never reused: once all 2^32 - 1
+    /// were given out, NO_SPACE (a stale handle must never reach another pool).
+    fn register(ident: &Identity, pool: &Arc<Pool>) -> Result<PoolId, Status> {
         let mut t = write(&ident.pools);
         if let Some(id) = t.by_kind.get(&pool.kind) {
-            return *id;
+            return Ok(*id);
         }
-        t.next += 1;
-        let id = PoolId(t.next);
+        let Some(next) = t.next.checked_add(1) else {
+            tracing::warn!(identity = %ident.name, "NEW_POOL refused: every pool id was used");
+            return Err(Status::NoSpace);
+        };
+        t.next = next;
+        let id = PoolId(next);
         t.by_kind.insert(pool.kind.clone(), id);
         t.by_id.insert(id, Arc::clone(pool));
-        id
+        Ok(id)
     }
 
     /// Drops a pool and its values. Destroying an unknown id is not an error.
@@ -218,70 +296,112 @@ impl Store {
     /// values), NO_SPACE and the old value stays. Ephemeral pools: the old value is
     /// dropped first, then least-recently-used values until the new one fits.
     pub fn put(&self, caller: &Identity, pool: &Pool, key: Key, value: Bytes) -> Status {
-        let len = value.len() as u64;
+        match self.reserve_put(caller, pool, key, value.len() as u64) {
+            Ok(r) => self.commit_put(caller, pool, key, value, r),
+            Err(s) => s,
+        }
+    }
+
+    /// Reserves what a PUT of `len` bytes under `key` will be charged, before its
+    /// payload is read (the same rules as [`Store::put`]; an ephemeral pool drops the
+    /// old value now). Dropping the reservation gives the bytes back.
+    pub fn reserve_put(
+        &self,
+        caller: &Identity,
+        pool: &Pool,
+        key: Key,
+        len: u64,
+    ) -> Result<Reservation, Status> {
         if len > self.max_value {
             Counters::bump(&caller.counters.refusals);
-            return Status::TooLarge;
+            return Err(Status::TooLarge);
         }
-        let mut value = Some(value);
+        let acct = &pool.account;
+        let new = self.charge_of(len);
         for attempt in 0..2 {
             let need = {
                 let mut inner = pool.lock();
                 if inner.destroyed {
-                    return Status::UnknownPool;
+                    return Err(Status::UnknownPool);
                 }
-                match self.put_locked(pool, &mut inner, key, &mut value) {
-                    Ok(()) => {
-                        Counters::bump(&caller.counters.puts);
-                        return Status::Ok;
+                if pool.ephemeral {
+                    if let Some(Removed(n)) = inner.remove(key) {
+                        self.release(acct, n, 1);
                     }
-                    Err(need) => need,
                 }
+                let old = inner.len_of(key).map_or(0, |n| self.charge_of(n));
+                let need = new.saturating_sub(old);
+                if self.reserve(acct, need)
+                    || (pool.ephemeral && self.evict_until(&mut inner, acct, need))
+                {
+                    return Ok(self.reservation(acct, need));
+                }
+                need
             };
             if attempt == 1 || self.make_room(pool, need) == 0 {
                 break;
             }
         }
         Counters::bump(&caller.counters.refusals);
-        Status::NoSpace
+        Err(Status::NoSpace)
     }
 
-    /// Inserts if the bytes can be reserved; else returns the bytes still needed.
-    fn put_locked(
+    fn reservation(&self, acct: &Arc<Identity>, n: u64) -> Reservation {
+        Reservation::new(Arc::clone(acct), Arc::clone(&self.charged), n)
+    }
+
+    /// Stores `value` (whose length [`Store::reserve_put`] was given) with what was
+    /// reserved for it. If another connection changed the key in between so that more
+    /// is needed and it does not fit: NO_SPACE, nothing changed.
+    pub fn commit_put(
         &self,
+        caller: &Identity,
         pool: &Pool,
-        inner: &mut PoolInner,
         key: Key,
-        value: &mut Option<Bytes>,
-    ) -> Result<(), u64> {
+        value: Bytes,
+        mut res: Reservation,
+    ) -> Status {
         let acct = &pool.account;
-        let len = value.as_ref().map_or(0, |v| v.len() as u64);
+        let len = value.len() as u64;
+        let new = self.charge_of(len);
+        let mut inner = pool.lock();
+        if inner.destroyed {
+            return Status::UnknownPool;
+        }
         if pool.ephemeral {
             if let Some(Removed(n)) = inner.remove(key) {
                 self.release(acct, n, 1);
             }
         }
-        let old = inner.len_of(key);
-        let fits = match old {
-            Some(old) if old >= len => {
-                self.release(acct, old - len, 0);
-                true
+        let old_len = inner.len_of(key);
+        let old = old_len.map_or(0, |n| self.charge_of(n));
+        let need = new.saturating_sub(old);
+        if res.bytes() < need {
+            let more = need - res.bytes();
+            if !(self.reserve(acct, more)
+                || (pool.ephemeral && self.evict_until(&mut inner, acct, more)))
+            {
+                Counters::bump(&caller.counters.refusals);
+                return Status::NoSpace;
             }
-            _ => {
-                let need = len - old.unwrap_or(0);
-                self.reserve(acct, need) || (pool.ephemeral && self.evict_until(inner, acct, need))
-            }
-        };
-        if !fits {
-            return Err(len - old.unwrap_or(0));
+            res.add(more);
         }
-        let Some(v) = value.take() else {
-            return Ok(());
-        };
-        if !inner.insert(key, v) {
+        // From here the value is stored: the account keeps `need` of the reservation
+        // (the growth over the old value) and gives back the rest, and what the old
+        // value was charged beyond the new one.
+        let spare = res.take() - need;
+        self.unreserve(acct, spare + old.saturating_sub(new));
+        self.used.fetch_add(len, Relaxed);
+        acct.used.fetch_add(len, Relaxed);
+        if let Some(o) = old_len {
+            self.used.fetch_sub(o, Relaxed);
+            acct.used.fetch_sub(o, Relaxed);
+        }
+        if !inner.insert(key, value) {
             acct.values.fetch_add(1, Relaxed);
         }
-        Ok(())
+        Counters::bump(&caller.counters.puts);
+        Status::Ok
     }
 
     /// Evicts from a locked ephemeral pool until `need` bytes are reserved.
@@ -316,7 +436,7 @@ impl Store {
                 if let Some(Removed(n)) = inner.remove(victim) {
                     self.release(acct, n, 1);
                     Counters::bump(&acct.counters.evictions);
-                    freed += n;
+                    freed += self.charge_of(n);
                 }
             }
             if self.would_fit(acct, need) {
@@ -327,10 +447,11 @@ impl Store {
     }
 
     fn would_fit(&self, acct: &Identity, need: u64) -> bool {
-        acct.used().saturating_add(need) <= acct.quota()
-            && self.used().saturating_add(need) <= self.capacity
+        acct.charged().saturating_add(need) <= acct.quota()
+            && self.charged().saturating_add(need) <= self.capacity
     }
 
+    /// Charges `n` bytes to `acct` and the host if both stay under their caps.
     fn reserve(&self, acct: &Identity, n: u64) -> bool {
         if n == 0 {
             return true;
@@ -339,20 +460,30 @@ impl Store {
             a.fetch_update(Relaxed, Relaxed, |v| v.checked_add(n).filter(|s| *s <= cap))
                 .is_ok()
         };
-        if !capped(&acct.used, acct.quota()) {
+        if !capped(&acct.charged, acct.quota()) {
             return false;
         }
-        if !capped(&self.used, self.capacity) {
-            acct.used.fetch_sub(n, Relaxed);
+        if !capped(&self.charged, self.capacity) {
+            acct.charged.fetch_sub(n, Relaxed);
             return false;
         }
         true
     }
 
+    fn unreserve(&self, acct: &Identity, n: u64) {
+        acct.charged.fetch_sub(n, Relaxed);
+        self.charged.fetch_sub(n, Relaxed);
+    }
+
+    /// A value of `bytes` bytes (or `values` values of `bytes` in all) left `acct`.
     fn release(&self, acct: &Identity, bytes: u64, values: u64) {
         acct.used.fetch_sub(bytes, Relaxed);
         acct.values.fetch_sub(values, Relaxed);
         self.used.fetch_sub(bytes, Relaxed);
+        self.unreserve(
+            acct,
+            bytes.saturating_add(values.saturating_mul(self.opts.value_overhead)),
+        );
     }
 
     /// The value under `key`; `Err(Miss)` if there is none.
@@ -442,6 +573,10 @@ impl Store {
     pub fn drop_identity(&self, name: &str) -> Option<u64> {
         let ident = write(&self.identities).remove(name)?;
         ident.dropped.store(true, Relaxed);
+        if name.starts_with(SHARED_ACCOUNT_PREFIX) {
+            // A shared pool's own account: its uuid starts over on the next open.
+            lock(&self.shared).retain(|_, p| !Arc::ptr_eq(&p.account, &ident));
+        }
         let before = ident.used();
         for (id, pool) in ident.open_pools() {
             if Arc::ptr_eq(&pool.account, &ident) {
@@ -477,4 +612,190 @@ pub(crate) fn read<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
 
 pub(crate) fn write<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     m.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use utmem_proto::PoolKind;
+
+    fn store(capacity: u64, quota: u64, opts: StoreOptions) -> Store {
+        Store::with_options(capacity, 1 << 20, Policy::new(quota), opts)
+    }
+
+    fn charged() -> StoreOptions {
+        StoreOptions {
+            value_overhead: VALUE_OVERHEAD,
+            max_pools: 8,
+        }
+    }
+
+    fn private(s: &Store, who: &Arc<Identity>, name: &str) -> Arc<Pool> {
+        let req = NewPool {
+            kind: PoolKind::Private(name.into()),
+            ephemeral: false,
+        };
+        let id = s.open_pool(who, &req).expect("open");
+        who.pool(id).expect("pool")
+    }
+
+    #[test]
+    fn empty_values_are_charged_their_overhead() {
+        let s = store(1 << 20, 64 * VALUE_OVERHEAD, charged());
+        let a = s.identity("a");
+        let p = private(&s, &a, "p");
+        let mut stored = 0;
+        for i in 0..1000 {
+            match s.put(&a, &p, Key::new(i, 0), Bytes::new()) {
+                Status::Ok => stored += 1,
+                st => {
+                    assert_eq!(st, Status::NoSpace);
+                    break;
+                }
+            }
+        }
+        assert_eq!(stored, 64);
+        assert_eq!((a.used(), a.charged()), (0, 64 * VALUE_OVERHEAD));
+        // Replacing a value costs only the growth; flushing gives everything back.
+        assert_eq!(s.put(&a, &p, Key::new(0, 0), Bytes::new()), Status::Ok);
+        for i in 0..64 {
+            assert_eq!(s.flush(&p, Key::new(i, 0)), Status::Ok);
+        }
+        assert_eq!((a.charged(), s.charged(), s.used()), (0, 0, 0));
+    }
+
+    #[test]
+    fn a_reservation_holds_quota_until_committed_or_dropped() {
+        let s = store(1 << 20, 10_000, charged());
+        let a = s.identity("a");
+        let p = private(&s, &a, "p");
+        let r = s.reserve_put(&a, &p, Key::new(1, 0), 6000).expect("fits");
+        assert_eq!(a.charged(), 6000 + VALUE_OVERHEAD);
+        // A second one does not fit while the first is held.
+        assert_eq!(
+            s.reserve_put(&a, &p, Key::new(2, 0), 6000).unwrap_err(),
+            Status::NoSpace
+        );
+        drop(r);
+        assert_eq!((a.charged(), s.charged()), (0, 0));
+        let r = s
+            .reserve_put(&a, &p, Key::new(2, 0), 6000)
+            .expect("fits again");
+        let v = Bytes::from(vec![1u8; 6000]);
+        assert_eq!(s.commit_put(&a, &p, Key::new(2, 0), v, r), Status::Ok);
+        assert_eq!((a.used(), a.charged()), (6000, 6000 + VALUE_OVERHEAD));
+        // Replacing it with a smaller value gives back the difference.
+        assert_eq!(
+            s.put(&a, &p, Key::new(2, 0), Bytes::from_static(b"x")),
+            Status::Ok
+        );
+        assert_eq!((a.used(), a.charged()), (1, 1 + VALUE_OVERHEAD));
+        assert_eq!(s.used(), 1);
+    }
+
+    #[test]
+    fn pool_ids_never_wrap() {
+        let s = store(1 << 20, 1 << 20, StoreOptions::default());
+        let a = s.identity("a");
+        write(&a.pools).next = u32::MAX - 1;
+        let last = private(&s, &a, "last");
+        assert_eq!(
+            read(&a.pools).by_kind.get(last.kind()),
+            Some(&PoolId(u32::MAX))
+        );
+        let req = NewPool {
+            kind: PoolKind::Private("one-too-many".into()),
+            ephemeral: false,
+        };
+        assert_eq!(s.open_pool(&a, &req), Err(Status::NoSpace));
+        s.destroy_pool(&a, PoolId(u32::MAX));
+        assert_eq!(s.open_pool(&a, &req), Err(Status::NoSpace), "never reused");
+    }
+
+    #[test]
+    fn pools_per_identity_are_capped() {
+        let s = store(1 << 20, 1 << 20, charged());
+        let a = s.identity("a");
+        for i in 0..8 {
+            private(&s, &a, &format!("p{i}"));
+        }
+        let req = NewPool {
+            kind: PoolKind::Private("p8".into()),
+            ephemeral: false,
+        };
+        assert_eq!(s.open_pool(&a, &req), Err(Status::NoSpace));
+        // Reopening one it has is not a new pool.
+        private(&s, &a, "p3");
+        s.destroy_pool(&a, PoolId(1));
+        assert!(s.open_pool(&a, &req).is_ok());
+    }
+
+    fn shared_store() -> (Store, PoolUuid, NewPool) {
+        let u = PoolUuid([7; 16]);
+        let mut policy = Policy::new(1 << 20);
+        policy.shared.insert(
+            u,
+            SharedGrant {
+                quota: 1 << 20,
+                identities: ["a".to_owned(), "b".to_owned()].into(),
+            },
+        );
+        let s = Store::with_options(1 << 20, 1 << 20, policy, charged());
+        let req = NewPool {
+            kind: PoolKind::Shared(u),
+            ephemeral: false,
+        };
+        (s, u, req)
+    }
+
+    #[test]
+    fn a_shared_pool_destroyed_by_one_grantee_reopens_fresh_for_the_others() {
+        let (s, _, req) = shared_store();
+        let (a, b) = (s.identity("a"), s.identity("b"));
+        let pa = s.open_pool(&a, &req).expect("a");
+        let pb = s.open_pool(&b, &req).expect("b");
+        let pool = b.pool(pb).expect("pool");
+        assert_eq!(
+            s.put(&b, &pool, Key::new(1, 0), Bytes::from_static(b"v")),
+            Status::Ok
+        );
+        s.destroy_pool(&a, pa);
+        assert_eq!(s.get(&b, &pool, Key::new(1, 0)), Err(Status::UnknownPool));
+        let pb2 = s.open_pool(&b, &req).expect("reopen");
+        assert_ne!(pb2, pb, "a fresh handle");
+        let fresh = b.pool(pb2).expect("pool");
+        assert_eq!(s.get(&b, &fresh, Key::new(1, 0)), Err(Status::Miss));
+        assert_eq!(
+            s.put(&b, &fresh, Key::new(1, 0), Bytes::from_static(b"w")),
+            Status::Ok
+        );
+        let pa2 = s.open_pool(&a, &req).expect("a reopens");
+        let seen = a.pool(pa2).expect("pool");
+        assert_eq!(
+            s.get(&a, &seen, Key::new(1, 0)),
+            Ok(Bytes::from_static(b"w"))
+        );
+    }
+
+    #[test]
+    fn dropping_a_shared_account_lets_its_uuid_start_over() {
+        let (s, u, req) = shared_store();
+        let a = s.identity("a");
+        let pa = s.open_pool(&a, &req).expect("a");
+        let pool = a.pool(pa).expect("pool");
+        assert_eq!(
+            s.put(&a, &pool, Key::new(1, 0), Bytes::from_static(b"v")),
+            Status::Ok
+        );
+        let account = format!("{SHARED_ACCOUNT_PREFIX}{}", uuid::Uuid::from_bytes(u.0));
+        assert_eq!(s.drop_identity(&account), Some(1));
+        assert_eq!(s.charged(), 0);
+        let again = s.open_pool(&a, &req).expect("reopen");
+        let pool = a.pool(again).expect("pool");
+        assert_eq!(s.get(&a, &pool, Key::new(1, 0)), Err(Status::Miss));
+        assert_eq!(
+            s.put(&a, &pool, Key::new(1, 0), Bytes::from_static(b"w")),
+            Status::Ok
+        );
+    }
 }

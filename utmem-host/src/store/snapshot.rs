@@ -14,6 +14,9 @@ pub struct HostSnapshot {
     pub capacity: u64,
     /// Value bytes held host-wide.
     pub used: u64,
+    /// Bytes charged against the capacity: values, per-value overhead, PUTs in flight.
+    #[serde(default)]
+    pub charged: u64,
     /// Every identity, by name.
     pub identities: Vec<IdentitySnapshot>,
 }
@@ -27,8 +30,14 @@ pub struct IdentitySnapshot {
     pub quota: u64,
     /// Values charged to it.
     pub values: u64,
-    /// Bytes charged to it.
+    /// Value bytes its pools hold.
     pub bytes: u64,
+    /// Bytes charged against its quota: values, per-value overhead, PUTs in flight.
+    #[serde(default)]
+    pub charged: u64,
+    /// Connections open now.
+    #[serde(default)]
+    pub connections: u64,
     /// PUTs stored.
     pub puts: u64,
     /// GETs.
@@ -93,6 +102,8 @@ impl Store {
                     quota: i.quota(),
                     values: i.values.load(Relaxed),
                     bytes: i.used(),
+                    charged: i.charged(),
+                    connections: i.connections() as u64,
                     puts: c.puts.load(Relaxed),
                     gets: c.gets.load(Relaxed),
                     hits: c.hits.load(Relaxed),
@@ -107,6 +118,7 @@ impl Store {
         HostSnapshot {
             capacity: self.capacity,
             used: self.used(),
+            charged: self.charged(),
             identities,
         }
     }
