@@ -231,7 +231,7 @@ pub fn run(s: &Settings, stop: &dyn Fn() -> bool) -> anyhow::Result<Report> {
         redis: &redis,
         stop,
     };
-    let pool = format!("redis-{}", redis.port);
+    let pool = redis.pool();
     let version = redis.info("server", "redis_version");
     let mut sizes = Vec::new();
     let total = s.sizes.len() * s.rounds * 2;

@@ -14,6 +14,7 @@ pub mod config;
 pub mod datatype;
 pub mod filter;
 pub mod gather;
+pub mod instance;
 pub mod io;
 #[cfg(not(test))]
 mod module;

@@ -37,8 +37,17 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if p.is_empty() {
-            // A master and its replica on one host never share a pool.
-            *p = format!("redis-{}", port(ctx));
+            // One pool per Redis instance: a master and its replica, or two containers
+            // with the same port and uid, never share one (the pool is emptied at start).
+            let id = crate::instance::id(std::path::Path::new(".")).unwrap_or_else(|(id, e)| {
+                ctx.log_warning(&format!(
+                    "utmem: cannot keep the instance id in {} ({e}); this run's pool is \
+                         not reused after a restart and stays on the host until dropped",
+                    crate::instance::FILE
+                ));
+                id
+            });
+            *p = format!("redis-{}-{id}", port(ctx));
         }
         p.clone()
     };

@@ -17,7 +17,7 @@ fn start() -> (Daemon, Redis) {
 }
 
 fn pool(r: &Redis) -> String {
-    format!("redis-{}", r.port)
+    r.pool()
 }
 
 /// A reply as comparable text; `utmem.` and key prefixes are normalised away.

@@ -478,7 +478,7 @@ fn copy_while_the_host_is_stopped_loses_nothing() {
         }
     }
     // The retried COPY lands, the source's bytes are flushed: one value on the host.
-    let pool = format!("redis-{}", r.port);
+    let pool = r.pool();
     assert_eq!(d.wait_pool_values(&pool, 1).0, 1);
     thread::sleep(Duration::from_millis(1500));
     assert_eq!(d.pool_usage(&pool), (1, 7000));

@@ -50,8 +50,5 @@ fn offloaded_values_take_under_3_percent_of_plain() {
     );
     assert!(p > 160_000_000, "plain holds the data: {p}");
     assert!(ratio < 0.03, "utmem/plain = {ratio:.4}");
-    assert_eq!(
-        d.pool_usage(&format!("redis-{}", ours.port)),
-        (10_000, 10_000 * (16 << 10))
-    );
+    assert_eq!(d.pool_usage(&ours.pool()), (10_000, 10_000 * (16 << 10)));
 }

@@ -77,7 +77,7 @@ fn debug_reload_and_restart_from_bgsave() {
     let mut r = Redis::start(&args(&margs), &[]);
     let mut c = r.conn();
     fill(&mut c, 30);
-    let pool = format!("redis-{}", r.port);
+    let pool = r.pool();
     let _: () = redis::cmd("DEBUG")
         .arg("RELOAD")
         .query(&mut c)
@@ -182,12 +182,9 @@ fn replica_sync(master_extra: &[&str], replica_extra: &[&str]) {
     assert_eq!(v, pattern(55, 70_000));
     let ttl: i64 = redis::cmd("TTL").arg("later").query(&mut r).expect("ttl");
     assert!(ttl > 990, "{ttl}");
-    let mine = format!("redis-{}", replica.port);
+    let mine = replica.pool();
     assert_eq!(d.wait_pool_values(&mine, 9).0, 9, "the replica's own pool");
-    assert_eq!(
-        d.wait_pool_values(&format!("redis-{}", master.port), 9).0,
-        9
-    );
+    assert_eq!(d.wait_pool_values(&master.pool(), 9).0, 9);
 }
 
 #[test]
@@ -467,7 +464,7 @@ fn forks_under_load_always_complete() {
     }
     eprintln!("{forks} forks, {} commands", ops.load(Ordering::Relaxed));
     let _: () = redis::cmd("FLUSHALL").query(&mut c).expect("flushall");
-    let pool = format!("redis-{}", r.port);
+    let pool = r.pool();
     assert_eq!(
         d.wait_pool_values(&pool, 0),
         (0, 0),
@@ -576,4 +573,35 @@ fn recall_is_a_plain_write_on_replicas_and_in_the_aof() {
     master.restart();
     let mut m = master.conn();
     verify(&mut m, "master after AOF replay");
+}
+
+/// Two Redis servers with the same port and uid (here both on port 0 behind Unix
+/// sockets, as two containers would be) get two pools: starting the second does not
+/// empty the first's. A restarted server finds its own pool again (no new pool left
+/// behind on the host).
+#[test]
+fn two_servers_with_the_same_port_keep_their_own_pools() {
+    let d = Daemon::start(&[]);
+    let ma = module_args(&d);
+    let a = Redis::start_unix(tempfile::tempdir().expect("dir"), &args(&ma));
+    let mut ca = a.conn();
+    mapped_reads_off(&mut ca);
+    let v = pattern(1, 9000);
+    let _: () = q(&mut ca, &[b"UTMEM.SET", b"k", &v]);
+    let b = Redis::start_unix(tempfile::tempdir().expect("dir"), &args(&ma));
+    let mut cb = b.conn();
+    let _: () = q(&mut cb, &[b"UTMEM.SET", b"k", &pattern(2, 9000)]);
+    assert_ne!(a.pool(), b.pool());
+    assert!(a.pool().starts_with("redis-0-"), "{}", a.pool());
+    let got: Vec<u8> = q(&mut ca, &[b"UTMEM.GET", b"k"]);
+    assert!(got == v, "the second server emptied the first one's pool");
+    // A restart keeps the name: the host has exactly these two pools.
+    let (pa, mut a) = (a.pool(), a);
+    drop(ca);
+    a.restart();
+    assert_eq!(a.pool(), pa);
+    let (ok, out, err) = d.admin_cmd(&["stats", "--json"]);
+    assert!(ok, "{err}");
+    let pools = out.matches("\"name\": \"redis-").count();
+    assert_eq!(pools, 2, "{out}");
 }

@@ -355,7 +355,10 @@ pub fn server_binary() -> String {
 #[derive(Debug)]
 pub struct Redis {
     pub child: Child,
+    /// The TCP port (0 for a server that listens on [`Redis::unix`] only).
     pub port: u16,
+    /// Its Unix socket, for a server without TCP.
+    pub unix: Option<PathBuf>,
     pub dir: tempfile::TempDir,
     args: Vec<String>,
 }
@@ -370,7 +373,23 @@ impl Redis {
 
     /// Like [`Redis::start`] in a given directory (to restart from its dump).
     pub fn start_in(dir: tempfile::TempDir, module_args: &[&str], extra: &[&str]) -> Redis {
-        let port = free_port();
+        Self::start_with(dir, free_port(), module_args, extra)
+    }
+
+    /// A server that listens on a Unix socket in its directory only (`port 0`), as
+    /// containers often run it.
+    pub fn start_unix(dir: tempfile::TempDir, module_args: &[&str]) -> Redis {
+        let sock = dir.path().join("redis.sock").display().to_string();
+        Self::start_with(dir, 0, module_args, &["--unixsocket", &sock])
+    }
+
+    fn start_with(
+        dir: tempfile::TempDir,
+        port: u16,
+        module_args: &[&str],
+        extra: &[&str],
+    ) -> Redis {
+        let unix = (port == 0).then(|| dir.path().join("redis.sock"));
         let mut args: Vec<String> = vec![
             "--port".into(),
             port.to_string(),
@@ -402,6 +421,7 @@ impl Redis {
         let mut r = Redis {
             child,
             port,
+            unix,
             dir,
             args,
         };
@@ -430,7 +450,11 @@ impl Redis {
     }
 
     fn try_conn(&self) -> redis::RedisResult<redis::Connection> {
-        let c = redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))?;
+        let url = match &self.unix {
+            Some(p) => format!("redis+unix://{}", p.display()),
+            None => format!("redis://127.0.0.1:{}/", self.port),
+        };
+        let c = redis::Client::open(url)?;
         c.get_connection_with_timeout(Duration::from_secs(5))
     }
 
@@ -458,6 +482,11 @@ impl Redis {
             .unwrap_or_default()
             .trim()
             .to_owned()
+    }
+
+    /// The module's pool on the host (INFO utmem's `utmem_pool`).
+    pub fn pool(&self) -> String {
+        self.info("utmem", "utmem_pool")
     }
 
     /// Whether the process still runs.
