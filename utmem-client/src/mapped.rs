@@ -40,7 +40,7 @@ use utmem_proto::{
     ARENA_HEADER_LEN, REPLY_HEADER_LEN,
 };
 use utmem_sys as sys;
-use vm_memory::{Bytes as _, FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
+use vm_memory::{FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
 
 const WORD_LEN: usize = 4096;
 
@@ -222,9 +222,10 @@ impl Mapped {
         }
         let _inside = Inside(self);
         // Against the host's stamp clear and its look at the word (both SeqCst).
-        let stamp = |order| self.arena.load::<u64>(off, order).ok();
-        if stamp(Ordering::SeqCst)? != p.stamp
-            || self.arena.load::<u64>(off + 8, Ordering::Acquire).ok()? != len as u64
+        let cell = |at| self.arena.get_atomic_ref::<AtomicU64>(at).ok();
+        let stamp = cell(off)?;
+        if stamp.load(Ordering::SeqCst) != p.stamp
+            || cell(off + 8)?.load(Ordering::Acquire) != len as u64
         {
             return None;
         }
@@ -233,7 +234,7 @@ impl Mapped {
             .get_slice(off + ARENA_HEADER_LEN as usize, len)
             .ok()?;
         let r = f(bytes);
-        (stamp(Ordering::SeqCst)? == p.stamp).then_some(r)
+        (stamp.load(Ordering::SeqCst) == p.stamp).then_some(r)
     }
 
     /// Copies the value placed at `p` (`len` bytes) into `out` (reusing its

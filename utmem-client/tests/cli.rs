@@ -109,7 +109,7 @@ fn bad_arguments_and_files_exit_2_and_say_which() {
     let spec = format!("unix:{}", d.sock.display());
     let cases: [(&[&str], &str); 6] = [
         (&["bench", "--put-ratio", "2"], "--put-ratio"),
-        (&["bench", "--put-ratio", "-0.5"], "--put-ratio"),
+        (&["bench", "--put-ratio=-0.5"], "--put-ratio"),
         (&["bench", "--inflight", "0"], "--inflight"),
         (&["bench", "--keys", "0"], "--keys"),
         (&["--timeout-ms", "0", "ping"], "--timeout-ms"),
