@@ -201,8 +201,8 @@ fn check_host_for(ctx: &Context, len: usize) -> Result<(), RedisError> {
     {
         return Ok(());
     }
-    // Not connected: one attempt (a refused connect fails at once).
-    match io::shared().map(|s| s.client.ping()) {
+    // Not connected: start an attempt in the background; never wait for a handshake here.
+    match io::shared().map(|s| s.client.check_connected()) {
         Some(Ok(())) => Ok(()),
         Some(Err(e)) => Err(RedisError::String(crate::raw::error_text(&format!(
             "UTMEMDOWN {e}"

@@ -396,9 +396,7 @@ impl Client {
         // Connected: open it now, with ordinary requests on the live connection.
         let mut result = self.open_slot(i);
         if reset && result.is_ok() {
-            result = self
-                .destroy_pool(Pool(i))
-                .and_then(|()| self.open_slot(i));
+            result = self.destroy_pool(Pool(i)).and_then(|()| self.open_slot(i));
         }
         match result {
             Ok(()) => inner.lock().pools[i].reset = false,
@@ -507,7 +505,6 @@ impl Client {
         self.call(Request::Ping).map(|_| ())
     }
 }
-
 
 fn item(req: Request, deadline: Instant, done: Completion) -> Item {
     let pool = req.pool();

@@ -145,8 +145,7 @@ impl Mapped {
             let s = self.readers.load(Ordering::SeqCst);
             let count = s & COUNT;
             let entries = (s & !TRANSITION) >> 32;
-            if s & TRANSITION != 0 || (count > 0 && entries >= PERIOD_ENTRIES) || count == COUNT
-            {
+            if s & TRANSITION != 0 || (count > 0 && entries >= PERIOD_ENTRIES) || count == COUNT {
                 std::hint::spin_loop();
                 continue;
             }
@@ -154,7 +153,12 @@ impl Mapped {
                 // First one in: make the word odd, then let the others join.
                 if self
                     .readers
-                    .compare_exchange(s, TRANSITION | ENTRY | 1, Ordering::SeqCst, Ordering::SeqCst)
+                    .compare_exchange(
+                        s,
+                        TRANSITION | ENTRY | 1,
+                        Ordering::SeqCst,
+                        Ordering::SeqCst,
+                    )
                     .is_ok()
                 {
                     self.word().fetch_add(1, Ordering::SeqCst);
@@ -403,7 +407,10 @@ mod tests {
             assert!(m.enter());
             m.exit();
         }
-        assert!(!m.enter(), "the period is full: later readers use the socket");
+        assert!(
+            !m.enter(),
+            "the period is full: later readers use the socket"
+        );
         m.exit();
         assert!(m.enter(), "a new period starts once everyone left");
         m.exit();

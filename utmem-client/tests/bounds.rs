@@ -126,7 +126,10 @@ fn mapped_readers_on_many_threads_never_see_reused_space() {
         0,
         "a reader saw space reused under it"
     );
-    assert!(inside >= READS, "too few reads overlapped the writes: {inside}");
+    assert!(
+        inside >= READS,
+        "too few reads overlapped the writes: {inside}"
+    );
 }
 
 /// What a fake host hands out on MAP.
@@ -201,15 +204,13 @@ fn fake_host(listener: UnixListener, bad: BadMap) {
                     BadMap::Unsealed => memfd(announced, false),
                 };
                 let word = memfd(4096, true);
-                encode_reply(
-                    &reply,
-                    &MapReply { len: announced }.encode(),
-                    &mut out,
-                );
+                encode_reply(&reply, &MapReply { len: announced }.encode(), &mut out);
                 utmem_sys::send_with_fds(s.as_fd(), &out, &[arena.as_fd(), word.as_fd()])
                     .expect("send MAP");
                 if let BadMap::Unsealed = bad {
-                    arena.set_len(0).expect("truncate what the client may have mapped");
+                    arena
+                        .set_len(0)
+                        .expect("truncate what the client may have mapped");
                 }
                 keep.push((arena, word));
                 continue;
@@ -238,9 +239,12 @@ fn a_fake_host_with_unsafe_descriptors_cannot_fault_the_client() {
         let path = dir.path().join("fake.sock");
         let listener = UnixListener::bind(&path).expect("bind");
         let host = thread::spawn(move || fake_host(listener, bad));
-        let c = Client::connect(&format!("unix:{}", path.display()), mapped_opts())
-            .expect("connect");
-        assert!(!c.is_mapped(), "{bad:?}: mapped a descriptor that can fault");
+        let c =
+            Client::connect(&format!("unix:{}", path.display()), mapped_opts()).expect("connect");
+        assert!(
+            !c.is_mapped(),
+            "{bad:?}: mapped a descriptor that can fault"
+        );
         let pool = c.open("p").expect("pool");
         // The fake places the value where no page exists; reading it there would be
         // SIGBUS (the reader thread pre-faults placed values too).
@@ -277,7 +281,10 @@ fn a_hung_handshake_does_not_block_readers_of_the_connection_state() {
     d.restart();
     let t0 = Instant::now();
     while c.is_connected() {
-        assert!(t0.elapsed() < Duration::from_secs(20), "never saw the restart");
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "never saw the restart"
+        );
         thread::sleep(Duration::from_millis(10));
     }
     d.signal(Signal::SIGSTOP);
@@ -373,7 +380,11 @@ fn dropped_identity_pools_are_reopened_under_the_same_handle() {
             assert!(!c.read_mapped(at, old.len(), &mut out), "old bytes mapped");
         }
         assert_eq!(c.get(pool, Key::new(2, 0)).expect("get"), Some(new));
-        assert_eq!(c.stats().expect("stats").values, 1, "the new identity holds one value");
+        assert_eq!(
+            c.stats().expect("stats").values,
+            1,
+            "the new identity holds one value"
+        );
     }
 }
 
