@@ -45,6 +45,8 @@ use crate::transport::{from_spec, Stream, Transport};
 /// GET payloads at least this long are read into their own buffer.
 const OWN_BUFFER_AT: usize = 4096;
 const READ_CHUNK: usize = 64 * 1024;
+/// How often a registered pool that is not open on the live connection is tried again.
+const REOPEN_EVERY: Duration = Duration::from_secs(1);
 
 /// Client settings.
 #[derive(Debug, Clone, Copy)]
@@ -117,6 +119,8 @@ struct PoolSlot {
     /// Handed out: re-opened on every connection. False for a slot whose first open
     /// has not succeeded (a refused `open_pool` registers nothing).
     registered: bool,
+    /// When a NEW_POOL for it last went out on a live connection.
+    tried: Option<Instant>,
 }
 
 /// One connection, as readers see it.
@@ -336,6 +340,7 @@ impl Client {
                         state: PoolState::Closed,
                         reset: false,
                         registered: false,
+                        tried: None,
                     });
                     st.pools.len() - 1
                 }
@@ -385,6 +390,7 @@ impl Client {
                     state: PoolState::Closed,
                     reset,
                     registered: true,
+                    tried: None,
                 });
                 st.pools.len() - 1
             }
@@ -562,7 +568,13 @@ impl Inner {
 
     /// A NEW_POOL request that opens slot `i`.
     fn open_item(&self, i: usize, done: Completion) -> Item {
-        let (flags, payload) = self.lock().pools[i].req.encode();
+        let mut st = self.lock();
+        self.open_item_locked(&mut st, i, done)
+    }
+
+    fn open_item_locked(&self, st: &mut State, i: usize, done: Completion) -> Item {
+        st.pools[i].tried = Some(Instant::now());
+        let (flags, payload) = st.pools[i].req.encode();
         Item {
             op: Op::NewPool,
             flags,
@@ -843,7 +855,8 @@ impl Inner {
         };
         let (gen, limits) = (live.gen, live.limits);
         let now = Instant::now();
-        for it in items {
+        let mut items = std::collections::VecDeque::from(items);
+        while let Some(it) = items.pop_front() {
             if it.payload.len() as u64 > limits.request_payload(it.op) {
                 let e = ClientError::Invalid(format!(
                     "{} bytes is over the host's limit of {} for {:?}",
@@ -868,6 +881,20 @@ impl Inner {
                 (None, Some(Pool(i))) => match st.pools.get(i).map(|slot| slot.state) {
                     Some(PoolState::Open(server)) => Some((i, server)),
                     Some(PoolState::Opening(_)) => {
+                        st.waiting.push(it);
+                        continue;
+                    }
+                    // Registered but not open here (its NEW_POOL was refused or timed
+                    // out): try again, at most once a second, and let the request wait.
+                    Some(PoolState::Closed)
+                        if st.pools[i].registered
+                            && st.pools[i]
+                                .tried
+                                .is_none_or(|t| t.elapsed() >= REOPEN_EVERY) =>
+                    {
+                        st.pools[i].state = PoolState::Opening(0);
+                        let open = self.open_item_locked(st, i, Box::new(|_| {}));
+                        items.push_front(open);
                         st.waiting.push(it);
                         continue;
                     }
