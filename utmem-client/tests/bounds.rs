@@ -413,3 +413,53 @@ fn a_destroyed_pool_is_reopened_empty() {
         Some(Bytes::from_static(b"v2"))
     );
 }
+
+/// A registered pool the host refused (a shared pool not granted yet) is tried again
+/// while the connection lasts, so it works once the grant arrives (SIGHUP), without
+/// waiting for a reconnect that may never come.
+#[test]
+fn a_refused_registered_pool_opens_once_granted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("hostd.toml");
+    let uuid = "12345678-9abc-def0-0123-456789abcdef";
+    let grant =
+        |who: &str| format!("[[shared]]\nuuid = \"{uuid}\"\nquota = \"1M\"\ngrant = [\"{who}\"]\n");
+    std::fs::write(&cfg, grant("vm-a")).expect("config");
+    let sock = dir.path().join("c.sock");
+    let d = Daemon::start_in(
+        dir,
+        &[
+            &format!("--config={}", cfg.display()),
+            &format!("--listen=unix:{}=vm-c", sock.display()),
+        ],
+    );
+    let c =
+        Client::connect(&format!("unix:{}", sock.display()), Options::default()).expect("connect");
+    let mut u = [0u8; 16];
+    for (i, b) in u.iter_mut().enumerate() {
+        let hex = uuid.replace('-', "");
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex");
+    }
+    let pool = c.register_pool(
+        PoolKind::Shared(utmem_client::proto::PoolUuid(u)),
+        false,
+        false,
+    );
+    let put = || c.put(pool, Key::new(1, 0), Bytes::from_static(b"shared"));
+    assert!(put().is_err(), "not granted yet");
+    std::fs::write(&cfg, grant("vm-c")).expect("config");
+    d.signal(Signal::SIGHUP);
+    let t0 = Instant::now();
+    while let Err(e) = put() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the pool never opened: {e}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(c.is_connected());
+    assert_eq!(
+        c.get(pool, Key::new(1, 0)).expect("get"),
+        Some(Bytes::from_static(b"shared"))
+    );
+}
