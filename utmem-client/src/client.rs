@@ -552,6 +552,8 @@ struct Handshake {
     mapped: Option<Mapped>,
     /// Slot index → the host's id (`None`: refused on this connection).
     pools: Vec<(usize, Option<PoolId>)>,
+    /// Slots below this index were looked at.
+    seen: usize,
 }
 
 impl Inner {
@@ -620,8 +622,14 @@ impl Inner {
     /// One handshake (the caller set `connecting`), then its outcome for the requests
     /// that waited for it.
     fn connect_attempt(self: &Arc<Self>) -> Result<(), ClientError> {
-        let made = self.handshake();
+        let mut made = self.handshake();
         let mut st = self.lock();
+        // Pools registered since the handshake looked are opened before it is installed.
+        while matches!(&made, Ok(h) if st.pools.len() != h.seen) {
+            drop(st);
+            made = made.and_then(|mut h| self.open_pools(&mut h).map(|()| h));
+            st = self.lock();
+        }
         st.connecting = false;
         let made = made.and_then(|h| {
             if self.closed.load(Ordering::SeqCst) {
@@ -684,54 +692,6 @@ impl Inner {
         let hello =
             HelloReply::decode(&payload).map_err(|e| ClientError::Protocol(e.to_string()))?;
         limits.max_value = hello.max_value;
-        // Pools registered while this runs are opened too: loop until none is new.
-        let mut pools = Vec::new();
-        let mut seen = 0;
-        loop {
-            let todo: Vec<(usize, NewPool, bool)> = {
-                let st = self.lock();
-                if st.pools.len() == seen {
-                    break;
-                }
-                let todo = st.pools[seen..]
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, p)| p.registered)
-                    .map(|(j, p)| (seen + j, p.req.clone(), p.reset))
-                    .collect();
-                seen = st.pools.len();
-                todo
-            };
-            for (i, req, reset) in todo {
-                let (flags, name) = req.encode();
-                let open = || -> Result<PoolId, ClientError> {
-                    let (h, p) = call_sync(&stream, &limits, Op::NewPool, flags, PoolId(0), &name)
-                        .map_err(io_err)?;
-                    if h.status != Status::Ok || p.len() != 4 {
-                        return Err(ClientError::Refused {
-                            op: Op::NewPool,
-                            status: h.status,
-                        });
-                    }
-                    Ok(PoolId(u32::from_le_bytes([p[0], p[1], p[2], p[3]])))
-                };
-                let mut id = match open() {
-                    Ok(id) => id,
-                    // One refused pool (e.g. a grant revoked) must not keep the rest offline.
-                    Err(e @ ClientError::Refused { .. }) => {
-                        tracing::warn!("pool {:?} not reopened: {e}", req.kind);
-                        pools.push((i, None));
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                };
-                if reset {
-                    call_sync(&stream, &limits, Op::DestroyPool, 0, id, &[]).map_err(io_err)?;
-                    id = open()?;
-                }
-                pools.push((i, Some(id)));
-            }
-        }
         let mapped = match &stream {
             Stream::Unix(s) if self.opts.map && hello.capabilities & CAP_MAP != 0 => {
                 match Mapped::open(s, &limits) {
@@ -744,14 +704,75 @@ impl Inner {
             }
             _ => None,
         };
-        stream.set_read_timeout(None).map_err(io_err)?;
-        Ok(Handshake {
+        // (The reader thread sets its own receive timeout.)
+        let mut h = Handshake {
             stream,
             limits,
             hello,
             mapped,
-            pools,
-        })
+            pools: Vec::new(),
+            seen: 0,
+        };
+        self.open_pools(&mut h)?;
+        Ok(h)
+    }
+
+    /// Opens the registered pools the handshake has not looked at yet (those registered
+    /// while it runs too: until none is new), on its socket, without the state lock.
+    fn open_pools(&self, h: &mut Handshake) -> Result<(), ClientError> {
+        let t = self.opts.timeout;
+        let io_err = |e: io::Error| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Timeout(t),
+            _ => self.unreachable(format!("handshake: {e}")),
+        };
+        let (stream, limits) = (&h.stream, &h.limits);
+        // Pools registered while this runs are opened too: loop until none is new.
+        loop {
+            let todo: Vec<(usize, NewPool, bool)> = {
+                let st = self.lock();
+                if st.pools.len() == h.seen {
+                    break;
+                }
+                let todo = st.pools[h.seen..]
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| p.registered)
+                    .map(|(j, p)| (h.seen + j, p.req.clone(), p.reset))
+                    .collect();
+                h.seen = st.pools.len();
+                todo
+            };
+            for (i, req, reset) in todo {
+                let (flags, name) = req.encode();
+                let open = || -> Result<PoolId, ClientError> {
+                    let (r, p) = call_sync(stream, limits, Op::NewPool, flags, PoolId(0), &name)
+                        .map_err(io_err)?;
+                    if r.status != Status::Ok || p.len() != 4 {
+                        return Err(ClientError::Refused {
+                            op: Op::NewPool,
+                            status: r.status,
+                        });
+                    }
+                    Ok(PoolId(u32::from_le_bytes([p[0], p[1], p[2], p[3]])))
+                };
+                let mut id = match open() {
+                    Ok(id) => id,
+                    // One refused pool (e.g. a grant revoked) must not keep the rest offline.
+                    Err(e @ ClientError::Refused { .. }) => {
+                        tracing::warn!("pool {:?} not reopened: {e}", req.kind);
+                        h.pools.push((i, None));
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                if reset {
+                    call_sync(stream, limits, Op::DestroyPool, 0, id, &[]).map_err(io_err)?;
+                    id = open()?;
+                }
+                h.pools.push((i, Some(id)));
+            }
+        }
+        Ok(())
     }
 
     /// Makes a finished handshake the current connection and starts its reader.
