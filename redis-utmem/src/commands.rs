@@ -272,10 +272,17 @@ fn check_host_for(ctx: &Context, len: usize) -> Result<(), RedisError> {
     {
         return Ok(());
     }
-    // Never a round trip here: the I/O thread finds out when the host is back.
-    Err(RedisError::Str(
-        "UTMEMDOWN the host is unreachable or did not answer in time (on-host-down error: nothing was changed)",
-    ))
+    // Never a round trip here. Not connected: an attempt starts in the background; a
+    // host that stopped answering is pinged by the I/O thread until it does again.
+    let why = match io::shared().map(|s| s.client.check_connected()) {
+        Some(Ok(())) if io::host_answers() => return Ok(()),
+        Some(Ok(())) => "the host did not answer in time".to_owned(),
+        Some(Err(e)) => e.to_string(),
+        None => "the module is not initialised".to_owned(),
+    };
+    Err(RedisError::String(crate::raw::error_text(&format!(
+        "UTMEMDOWN {why} (on-host-down error: nothing was changed)"
+    ))))
 }
 
 /// UTMEM.SET key value [NX|XX] [GET] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL]

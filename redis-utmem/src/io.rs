@@ -289,17 +289,32 @@ pub fn fetch_sync(slot: &Slot) -> Result<Bytes, FetchError> {
     }
 }
 
-/// Runs `f` on the bytes of `slot` in place in the host's mapped arena (no copy, no
-/// round trip); `None` if the value is not in the arena, is longer than `max`, was
-/// not there any more (counted), or this is a fork child (which must not touch the
-/// parent's client).
+/// Runs `f` on the bytes of `slot` read from the host's mapped arena (no round trip);
+/// `None` if the value is not in the arena, is longer than `max`, was not there any more
+/// (counted), or this is a fork child (which must not touch the parent's client). The
+/// arena is memory the host may change, so the bytes are copied into a buffer of this
+/// thread and their stamp checked after the copy before `f` sees them: a reply made
+/// from them is never one of bytes that changed.
 pub fn with_mapped<R>(slot: &Slot, max: usize, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+    thread_local! {
+        static MAPPED_COPY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
     if max == 0 || slot.len > max || !in_parent() {
         return None;
     }
     let at = slot.placement()?;
     let stats = crate::stats();
-    let r = shared()?.client.with_mapped(at, slot.len, f);
+    let client = &shared()?.client;
+    let r = MAPPED_COPY.with_borrow_mut(|buf| {
+        let r = client
+            .read_mapped(at, slot.len, buf)
+            .then(|| f(&buf[..slot.len]));
+        // Keep a reply-sized buffer, not the largest value a save ever read.
+        if buf.capacity() > 1 << 20 {
+            *buf = Vec::new();
+        }
+        r
+    });
     Stats::bump(if r.is_some() {
         &stats.mapped_reads
     } else {

@@ -7,18 +7,26 @@
 //! coalesced into the next one. A reader thread per connection reads replies,
 //! matches them by id and runs the callbacks; it also expires requests whose
 //! time is up. When the connection breaks, every request in flight on it fails
-//! with [`ClientError::Unreachable`]; the next request reconnects (with
-//! exponential backoff between failed attempts), says HELLO and re-opens the
-//! pools by name before anything else is sent.
+//! with [`ClientError::Unreachable`]; the next request starts a reconnection
+//! (exponential backoff between failed attempts) on a thread of its own, which
+//! says HELLO and re-opens the pools by name; requests submitted meanwhile wait
+//! for it. No lock is held across a handshake: [`Client::is_connected`],
+//! [`Client::hello`] and mapped reads never wait for a host that hangs.
+//!
+//! A pool handle names a pool by its name: when the host answers UNKNOWN_POOL
+//! for a pool the client had open (the operator dropped the identity, or the pool
+//! was destroyed), that request fails and the client re-opens the pool on the
+//! same connection; requests for it wait until the new id is known.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use bytes::{Buf, Bytes, BytesMut};
 use utmem_proto::{
     CopyTarget, HelloReply, HelloRequest, IdentityStats, Key, Limits, NewPool, ObjectId, Op,
@@ -26,6 +34,7 @@ use utmem_proto::{
     CAP_MAP, REPLY_HEADER_LEN, REQUEST_HEADER_LEN, VERSION,
 };
 use utmem_sys as sys;
+use vm_memory::VolatileSlice;
 
 use crate::error::ClientError;
 use crate::mapped::Mapped;
@@ -36,11 +45,13 @@ use crate::transport::{from_spec, Stream, Transport};
 /// GET payloads at least this long are read into their own buffer.
 const OWN_BUFFER_AT: usize = 4096;
 const READ_CHUNK: usize = 64 * 1024;
+/// How often a registered pool that is not open on the live connection is tried again.
+const REOPEN_EVERY: Duration = Duration::from_secs(1);
 
 /// Client settings.
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
-    /// How long a request may wait for its answer (also bounds connecting).
+    /// How long a request may wait for its answer (also bounds each step of connecting).
     pub timeout: Duration,
     /// First wait after a failed connection attempt; doubles up to `max_backoff`.
     pub min_backoff: Duration,
@@ -72,6 +83,9 @@ struct Item {
     pool: Option<Pool>,
     key: Key,
     payload: Bytes,
+    deadline: Instant,
+    /// A NEW_POOL that (re-)opens this registered slot.
+    opens: Option<usize>,
     done: Completion,
 }
 
@@ -81,33 +95,56 @@ struct Pending {
     len: u64,
     gen: u64,
     deadline: Instant,
+    /// The slot and the host id the request went out with.
+    pool: Option<(usize, PoolId)>,
+    opens: Option<usize>,
     done: Completion,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PoolState {
+    /// Not open on the current connection (or there is none).
+    Closed,
+    /// A NEW_POOL (this request id) is on its way; requests for the pool wait.
+    Opening(u64),
+    /// The host's id on the current connection.
+    Open(PoolId),
 }
 
 struct PoolSlot {
     req: NewPool,
-    /// The host's id on the current connection; `None` until opened on it.
-    server: Option<PoolId>,
+    state: PoolState,
     /// Empty the pool the first time it is opened (a fresh start).
     reset: bool,
+    /// Handed out: re-opened on every connection. False for a slot whose first open
+    /// has not succeeded (a refused `open_pool` registers nothing).
+    registered: bool,
+    /// When a NEW_POOL for it last went out on a live connection.
+    tried: Option<Instant>,
 }
 
+/// One connection, as readers see it.
 struct Live {
     gen: u64,
     stream: Arc<Stream>,
     limits: Limits,
+    /// The arena mapping of this connection (goes with it).
+    mapped: Option<Mapped>,
 }
 
 #[derive(Default)]
 struct State {
-    conn: Option<Live>,
+    conn: Option<Arc<Live>>,
     gen: u64,
     next_id: u64,
     inflight: HashMap<u64, Pending>,
     outq: OutQueue,
     writing: bool,
     pools: Vec<PoolSlot>,
-    hello: Option<HelloReply>,
+    /// Requests waiting for the connection being made, or for their pool to open.
+    waiting: Vec<Item>,
+    /// A handshake is running (on a thread of its own, or in `Client::connect`).
+    connecting: bool,
     retry_at: Option<Instant>,
     backoff: Duration,
     last_error: String,
@@ -116,10 +153,13 @@ struct State {
 struct Inner {
     transport: Box<dyn Transport>,
     opts: Options,
+    /// Request bookkeeping; never held across a system call that may wait for the host.
     state: Mutex<State>,
     closed: AtomicBool,
-    /// The arena mapping of the current connection (dropped with the connection).
-    mapped: RwLock<Option<Mapped>>,
+    /// The current connection, for readers that must not take `state`.
+    live: ArcSwapOption<Live>,
+    /// What the host said in its last HELLO.
+    hello: ArcSwapOption<HelloReply>,
 }
 
 /// A connection to utmem-hostd, shared by any number of threads (clone it).
@@ -133,11 +173,12 @@ struct Handle(Arc<Inner>);
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        self.0.closed.store(true, Ordering::Relaxed);
+        self.0.closed.store(true, Ordering::SeqCst);
         let mut st = self.0.lock();
         if let Some(live) = st.conn.take() {
             live.stream.shutdown();
         }
+        self.0.live.store(None);
     }
 }
 
@@ -162,22 +203,29 @@ impl Client {
         transport: Box<dyn Transport>,
         opts: Options,
     ) -> Result<Client, ClientError> {
-        let (client, first) = Self::start(transport, opts);
-        first.map(|()| client)
+        let client = Self::start(transport, opts);
+        client.inner().lock().connecting = true;
+        client.inner().connect_attempt().map(|()| client)
     }
 
-    /// Like [`Client::connect`], but a host that is down now is not an error: the
-    /// client connects when it is first used. Only a bad spec fails.
+    /// Like [`Client::connect`], but returns at once: the client connects on a thread
+    /// of its own (requests submitted meanwhile wait for it), and a host that is down
+    /// now is not an error. Only a bad spec fails.
     pub fn connect_lazy(spec: &str, opts: Options) -> Result<Client, ClientError> {
         let spec: Spec = spec.parse()?;
-        let (client, first) = Self::start(from_spec(&spec)?, opts);
-        if let Err(e) = first {
+        let client = Self::start(from_spec(&spec)?, opts);
+        let inner = client.inner();
+        let started = {
+            let mut st = inner.lock();
+            inner.start_connect(&mut st)
+        };
+        if let Err(e) = started {
             tracing::warn!("{e}; will retry when used");
         }
         Ok(client)
     }
 
-    fn start(transport: Box<dyn Transport>, opts: Options) -> (Client, Result<(), ClientError>) {
+    fn start(transport: Box<dyn Transport>, opts: Options) -> Client {
         let inner = Arc::new(Inner {
             transport,
             opts,
@@ -187,16 +235,12 @@ impl Client {
                 ..State::default()
             }),
             closed: AtomicBool::new(false),
-            mapped: RwLock::new(None),
+            live: ArcSwapOption::empty(),
+            hello: ArcSwapOption::empty(),
         });
-        let first = {
-            let mut st = inner.lock();
-            inner.ensure_connected(&mut st)
-        };
-        let client = Client {
+        Client {
             handle: Arc::new(Handle(inner)),
-        };
-        (client, first)
+        }
     }
 
     fn inner(&self) -> &Arc<Inner> {
@@ -208,42 +252,71 @@ impl Client {
         self.inner().transport.describe()
     }
 
-    /// What the host said in its last HELLO (identity, quota, limits).
+    /// What the host said in its last HELLO (identity, quota, limits). Never waits.
     pub fn hello(&self) -> Option<HelloReply> {
-        self.inner().lock().hello.clone()
+        self.inner().hello.load().as_deref().cloned()
     }
 
     /// Copies the value PUT placed at `p` (`len` bytes) from the mapped arena into
-    /// `out`, without a round trip. False if there is no mapping (not asked for,
-    /// not a local socket, disconnected) or the value is not there any more: then
-    /// ask with a GET.
+    /// `out` (reusing its allocation), without a round trip. False if there is no
+    /// mapping (not asked for, not a local socket, disconnected) or the value is not
+    /// there any more: then ask with a GET. Never waits.
     pub fn read_mapped(&self, p: Placement, len: usize, out: &mut Vec<u8>) -> bool {
-        self.inner()
-            .mapped()
-            .as_ref()
+        let live = self.inner().live.load();
+        live.as_ref()
+            .and_then(|l| l.mapped.as_ref())
             .is_some_and(|m| m.read_into(p, len, out))
     }
 
-    /// Runs `f` on the value PUT placed at `p` (`len` bytes) in place in the mapped
-    /// arena, without a copy or a round trip; `None` if there is no mapping or the value
-    /// is not there any more. Keep `f` short: the host keeps the space while it runs.
+    /// Runs `f` on the value PUT placed at `p` (`len` bytes) in the mapped arena, as
+    /// volatile memory the host may change (copy it out with
+    /// [`VolatileSlice::copy_to`]); the slice is valid only inside `f`. `None` if there
+    /// is no mapping or the value is not there, and also if the value's stamp changed
+    /// by the time `f` returned: whatever `f` made of the bytes must then not be used.
+    /// Keep `f` short: the host keeps the space while it runs. Never waits.
     pub fn with_mapped<R>(
         &self,
         p: Placement,
         len: usize,
-        f: impl FnOnce(&[u8]) -> R,
+        f: impl FnOnce(VolatileSlice<'_>) -> R,
     ) -> Option<R> {
-        self.inner().mapped().as_ref()?.with_value(p, len, f)
+        let live = self.inner().live.load();
+        live.as_ref()?.mapped.as_ref()?.with_value(p, len, f)
     }
 
-    /// Whether values can be read from a mapped arena right now.
+    /// Whether values can be read from a mapped arena right now. Never waits.
     pub fn is_mapped(&self) -> bool {
-        self.inner().mapped().is_some()
+        self.inner()
+            .live
+            .load()
+            .as_ref()
+            .is_some_and(|l| l.mapped.is_some())
     }
 
-    /// Whether a connection is up right now.
+    /// Whether a connection is up right now. Never waits (not even for a handshake
+    /// in progress).
     pub fn is_connected(&self) -> bool {
-        self.inner().lock().conn.is_some()
+        self.inner().live.load().is_some()
+    }
+
+    /// `Ok` if connected; otherwise starts a connection attempt on a thread of its own
+    /// (unless one is running or the backoff says to wait) and says why there is no
+    /// connection now. Never waits: for a thread that must not block (Redis's).
+    pub fn check_connected(&self) -> Result<(), ClientError> {
+        if self.is_connected() {
+            return Ok(());
+        }
+        let inner = self.inner();
+        let mut st = inner.lock();
+        if st.conn.is_some() {
+            return Ok(());
+        }
+        inner.start_connect(&mut st)?;
+        Err(inner.unreachable(if st.last_error.is_empty() {
+            "connecting".to_owned()
+        } else {
+            format!("connecting again after: {}", st.last_error)
+        }))
     }
 
     /// Opens (or re-attaches to) a pool. The handle survives reconnects. A refusal
@@ -251,57 +324,44 @@ impl Client {
     /// nothing.
     pub fn open_pool(&self, kind: PoolKind, ephemeral: bool) -> Result<Pool, ClientError> {
         let req = NewPool { kind, ephemeral };
-        let inner = self.inner();
-        let known = |inner: &Arc<Inner>| {
-            let st = inner.lock();
-            st.pools
-                .iter()
-                .position(|p| p.req == req)
-                .map(|i| (i, st.pools[i].server.is_some()))
+        let i = {
+            let mut st = self.inner().lock();
+            match st.pools.iter().position(|p| p.req == req) {
+                Some(i) if st.pools[i].registered && st.conn.is_some() => {
+                    if let PoolState::Open(_) = st.pools[i].state {
+                        return Ok(Pool(i));
+                    }
+                    i
+                }
+                Some(i) => i,
+                None => {
+                    st.pools.push(PoolSlot {
+                        req,
+                        state: PoolState::Closed,
+                        reset: false,
+                        registered: false,
+                        tried: None,
+                    });
+                    st.pools.len() - 1
+                }
+            }
         };
-        if let Some((i, true)) = known(inner) {
-            return Ok(Pool(i));
-        }
-        // Connecting (if needed) opens every registered pool.
-        self.ping()?;
-        if let Some((i, true)) = known(inner) {
-            return Ok(Pool(i));
-        }
-        let (gen, id) = self.new_pool_now(&req)?;
-        let mut st = inner.lock();
-        if st.conn.as_ref().map(|l| l.gen) != gen {
-            return Err(inner.unreachable("connection lost while opening the pool"));
-        }
-        if let Some(i) = st.pools.iter().position(|p| p.req == req) {
-            st.pools[i].server = Some(id);
-            return Ok(Pool(i));
-        }
-        st.pools.push(PoolSlot {
-            req,
-            server: Some(id),
-            reset: false,
-        });
-        Ok(Pool(st.pools.len() - 1))
+        self.open_slot(i).map(|()| Pool(i))
     }
 
-    /// NEW_POOL on the live connection: the connection generation it went out on and the id.
-    fn new_pool_now(&self, req: &NewPool) -> Result<(Option<u64>, PoolId), ClientError> {
-        let (flags, payload) = req.encode();
+    /// NEW_POOL for slot `i` (on the live connection, or the one being made), waiting
+    /// for the answer; the slot is open when this returns `Ok`.
+    fn open_slot(&self, i: usize) -> Result<(), ClientError> {
         let (tx, rx) = mpsc::sync_channel(1);
-        let gen = self.inner().send_many(vec![Item {
-            op: Op::NewPool,
-            flags,
-            pool: None,
-            key: Key::default(),
-            payload: Bytes::from(payload),
-            done: Box::new(move |r| {
+        let item = self.inner().open_item(
+            i,
+            Box::new(move |r| {
                 let _ = tx.send(r);
             }),
-        }]);
+        );
+        self.inner().send_many(vec![item]);
         match self.wait(rx)? {
-            Response::Value(b) if b.len() == 4 => {
-                Ok((gen, PoolId(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))))
-            }
+            Response::Value(b) if b.len() == 4 => Ok(()),
             other => Err(ClientError::Protocol(format!(
                 "NEW_POOL answered {other:?}"
             ))),
@@ -318,45 +378,35 @@ impl Client {
         let i = {
             let mut st = inner.lock();
             if let Some(i) = st.pools.iter().position(|p| p.req == req) {
-                return Pool(i);
+                if st.pools[i].registered {
+                    return Pool(i);
+                }
+                st.pools[i].registered = true;
+                st.pools[i].reset = reset;
+                i
+            } else {
+                st.pools.push(PoolSlot {
+                    req: req.clone(),
+                    state: PoolState::Closed,
+                    reset,
+                    registered: true,
+                    tried: None,
+                });
+                st.pools.len() - 1
             }
-            st.pools.push(PoolSlot {
-                req: req.clone(),
-                server: None,
-                reset,
-            });
-            if st.conn.is_none() {
-                return Pool(st.pools.len() - 1);
-            }
-            st.pools.len() - 1
         };
-        // Connected: open it now, with ordinary requests on the live connection.
-        let mut result = self.new_pool_now(&req);
-        if reset {
-            if let Ok((gen, id)) = result {
-                let destroyed = {
-                    let mut st = inner.lock();
-                    st.pools[i].server = Some(id);
-                    drop(st);
-                    self.destroy_pool(Pool(i))
-                };
-                result = destroyed
-                    .and_then(|()| self.new_pool_now(&req))
-                    .map(|(g, id)| (if g == gen { g } else { None }, id));
-            }
+        // Not connected: the connection being made (or the next one) opens it.
+        if !self.is_connected() {
+            return Pool(i);
         }
-        let mut st = inner.lock();
+        // Connected: open it now, with ordinary requests on the live connection.
+        let mut result = self.open_slot(i);
+        if reset && result.is_ok() {
+            result = self.destroy_pool(Pool(i)).and_then(|()| self.open_slot(i));
+        }
         match result {
-            // Only if no reconnect happened meanwhile (a reconnect opened it itself).
-            Ok((Some(gen), id)) if st.conn.as_ref().map(|l| l.gen) == Some(gen) => {
-                st.pools[i].server = Some(id);
-                st.pools[i].reset = false;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                st.pools[i].server = None;
-                tracing::warn!("cannot open pool {:?} now: {e}", req.kind);
-            }
+            Ok(()) => inner.lock().pools[i].reset = false,
+            Err(e) => tracing::warn!("cannot open pool {:?} now: {e}", req.kind),
         }
         Pool(i)
     }
@@ -380,9 +430,10 @@ impl Client {
     /// Submits several requests at once: they are queued under one lock and leave
     /// in one vectored write (the way an I/O thread hands over what it collected).
     pub fn submit_many(&self, reqs: Vec<(Request, Completion)>) {
+        let deadline = Instant::now() + self.inner().opts.timeout;
         let items = reqs
             .into_iter()
-            .map(|(req, done)| item(req, done))
+            .map(|(req, done)| item(req, deadline, done))
             .collect();
         self.inner().send_many(items);
     }
@@ -392,8 +443,9 @@ impl Client {
         rx: mpsc::Receiver<Result<Response, ClientError>>,
     ) -> Result<Response, ClientError> {
         let t = self.inner().opts.timeout;
-        // The reader thread enforces the timeout; this margin only guards against a bug.
-        rx.recv_timeout(t * 2 + Duration::from_secs(1))
+        // The reader thread enforces the timeout once a request is sent; a handshake
+        // has its own socket timeouts. This margin only guards against a bug.
+        rx.recv_timeout(t * 3 + Duration::from_secs(1))
             .unwrap_or(Err(ClientError::Timeout(t)))
     }
 
@@ -460,7 +512,7 @@ impl Client {
     }
 }
 
-fn item(req: Request, done: Completion) -> Item {
+fn item(req: Request, deadline: Instant, done: Completion) -> Item {
     let pool = req.pool();
     let op = req.op();
     let (key, payload) = match req {
@@ -482,6 +534,8 @@ fn item(req: Request, done: Completion) -> Item {
         pool,
         key,
         payload,
+        deadline,
+        opens: None,
         done,
     }
 }
@@ -490,11 +544,19 @@ fn lock_state(m: &Mutex<State>) -> MutexGuard<'_, State> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-impl Inner {
-    fn mapped(&self) -> RwLockReadGuard<'_, Option<Mapped>> {
-        self.mapped.read().unwrap_or_else(PoisonError::into_inner)
-    }
+/// What a handshake brings back, to be installed under the state lock.
+struct Handshake {
+    stream: Stream,
+    limits: Limits,
+    hello: HelloReply,
+    mapped: Option<Mapped>,
+    /// Slot index → the host's id (`None`: refused on this connection).
+    pools: Vec<(usize, Option<PoolId>)>,
+    /// Slots below this index were looked at.
+    seen: usize,
+}
 
+impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         lock_state(&self.state)
     }
@@ -506,141 +568,35 @@ impl Inner {
         }
     }
 
-    /// Queues frames (under one lock, so they leave in one writev) and writes if
-    /// nobody else is writing. Returns the connection generation they went out on,
-    /// or `None` if they failed before being sent.
-    fn send_many(self: &Arc<Self>, items: Vec<Item>) -> Option<u64> {
+    /// A NEW_POOL request that opens slot `i`.
+    fn open_item(&self, i: usize, done: Completion) -> Item {
         let mut st = self.lock();
-        if let Err(e) = self.ensure_connected(&mut st) {
-            drop(st);
-            fail_all(items.into_iter().map(|i| i.done).collect(), &e);
-            return None;
-        }
-        // ensure_connected succeeded, so there is a connection.
-        let live = st.conn.as_ref()?;
-        let (gen, limits) = (live.gen, live.limits);
-        let mut refused: Vec<(Completion, ClientError)> = Vec::new();
-        let deadline = Instant::now() + self.opts.timeout;
-        for Item {
-            op,
+        self.open_item_locked(&mut st, i, done)
+    }
+
+    fn open_item_locked(&self, st: &mut State, i: usize, done: Completion) -> Item {
+        st.pools[i].tried = Some(Instant::now());
+        let (flags, payload) = st.pools[i].req.encode();
+        Item {
+            op: Op::NewPool,
             flags,
-            pool,
-            key,
-            payload,
+            pool: None,
+            key: Key::default(),
+            payload: Bytes::from(payload),
+            deadline: Instant::now() + self.opts.timeout,
+            opens: Some(i),
             done,
-        } in items
-        {
-            if payload.len() as u64 > limits.request_payload(op) {
-                let e = ClientError::Invalid(format!(
-                    "{} bytes is over the host's limit of {} for {op:?}",
-                    payload.len(),
-                    limits.request_payload(op)
-                ));
-                refused.push((done, e));
-                continue;
-            }
-            let server_pool = match pool {
-                None => PoolId(0),
-                Some(Pool(i)) => match st.pools.get(i).map(|slot| slot.server) {
-                    Some(Some(id)) => id,
-                    Some(None) => {
-                        let e = self.unreachable("the pool is not open on this connection");
-                        refused.push((done, e));
-                        continue;
-                    }
-                    None => {
-                        let e = ClientError::Invalid(format!("pool handle {i} was never opened"));
-                        refused.push((done, e));
-                        continue;
-                    }
-                },
-            };
-            let id = st.next_id;
-            st.next_id += 1;
-            let h = RequestHeader {
-                flags,
-                pool: server_pool,
-                key,
-                len: payload.len() as u64,
-                ..RequestHeader::new(op, RequestId(id))
-            };
-            st.outq.push_copy(&h.encode());
-            if !payload.is_empty() {
-                st.outq.push_payload(payload);
-            }
-            st.inflight.insert(
-                id,
-                Pending {
-                    op,
-                    len: h.len,
-                    gen,
-                    deadline,
-                    done,
-                },
-            );
-        }
-        if !refused.is_empty() {
-            drop(st);
-            for (done, e) in refused {
-                done(Err(e));
-            }
-            st = self.lock();
-        }
-        if st.writing {
-            return Some(gen); // the writer in progress takes it with its next writev
-        }
-        st.writing = true;
-        // Write until the queue is empty, always on the connection that is current now:
-        // a reconnect while we wrote may have queued requests for the new one.
-        loop {
-            let Some(live) = st.conn.as_ref() else {
-                st.writing = false;
-                return Some(gen);
-            };
-            if st.outq.is_empty() {
-                st.writing = false;
-                return Some(gen);
-            }
-            let (wgen, stream) = (live.gen, Arc::clone(&live.stream));
-            let mut q = std::mem::take(&mut st.outq);
-            drop(st);
-            let res = write_queue(&stream, &mut q);
-            st = self.lock();
-            if let Err(e) = res {
-                st.writing = false;
-                let failed = self.disconnect(&mut st, wgen);
-                drop(st);
-                fail_all(failed, &self.unreachable(format!("write failed: {e}")));
-                return Some(gen);
-            }
-            if st.outq.is_empty() {
-                st.outq = q; // keep the allocation
-            }
         }
     }
 
-    /// Drops connection `gen` if it is the current one; returns its requests to fail.
-    fn disconnect(&self, st: &mut State, gen: u64) -> Vec<Completion> {
-        if st.conn.as_ref().map(|l| l.gen) != Some(gen) {
-            return Vec::new();
-        }
-        if let Some(live) = st.conn.take() {
-            live.stream.shutdown();
-        }
-        *self.mapped.write().unwrap_or_else(PoisonError::into_inner) = None;
-        st.outq = OutQueue::new();
-        st.inflight
-            .extract_if(|_, p| p.gen == gen)
-            .map(|(_, p)| p.done)
-            .collect()
-    }
-
-    fn ensure_connected(self: &Arc<Self>, st: &mut State) -> Result<(), ClientError> {
-        if st.conn.is_some() {
-            return Ok(());
-        }
-        if self.closed.load(Ordering::Relaxed) {
+    /// Starts a handshake on a thread of its own, unless one is running (then the
+    /// caller's requests wait for it) or the backoff says to wait (an error).
+    fn start_connect(self: &Arc<Self>, st: &mut State) -> Result<(), ClientError> {
+        if self.closed.load(Ordering::SeqCst) {
             return Err(self.unreachable("client closed"));
+        }
+        if st.connecting {
+            return Ok(());
         }
         let now = Instant::now();
         if let Some(at) = st.retry_at {
@@ -652,23 +608,61 @@ impl Inner {
                 )));
             }
         }
-        match self.handshake(st) {
+        let me = Arc::clone(self);
+        thread::Builder::new()
+            .name("utmem-connect".into())
+            .spawn(move || {
+                let _ = me.connect_attempt();
+            })
+            .map_err(|e| self.unreachable(format!("cannot start a connecting thread: {e}")))?;
+        st.connecting = true;
+        Ok(())
+    }
+
+    /// One handshake (the caller set `connecting`), then its outcome for the requests
+    /// that waited for it.
+    fn connect_attempt(self: &Arc<Self>) -> Result<(), ClientError> {
+        let mut made = self.handshake();
+        let mut st = self.lock();
+        // Pools registered since the handshake looked are opened before it is installed.
+        while matches!(&made, Ok(h) if st.pools.len() != h.seen) {
+            drop(st);
+            made = made.and_then(|mut h| self.open_pools(&mut h).map(|()| h));
+            st = self.lock();
+        }
+        st.connecting = false;
+        let made = made.and_then(|h| {
+            if self.closed.load(Ordering::SeqCst) {
+                h.stream.shutdown();
+                return Err(self.unreachable("client closed"));
+            }
+            self.install(&mut st, h)
+        });
+        let waiting = std::mem::take(&mut st.waiting);
+        match made {
             Ok(()) => {
                 st.retry_at = None;
                 st.backoff = self.opts.min_backoff;
+                drop(st);
+                if !waiting.is_empty() {
+                    self.send_many(waiting);
+                }
                 Ok(())
             }
             Err(e) => {
                 st.last_error = e.to_string();
-                st.retry_at = Some(now + st.backoff);
+                st.retry_at = Some(Instant::now() + st.backoff);
                 st.backoff = (st.backoff * 2).min(self.opts.max_backoff);
+                drop(st);
+                fail_all(waiting.into_iter().map(|i| i.done).collect(), &e);
                 Err(e)
             }
         }
     }
 
-    /// Connects, says HELLO, re-opens the pools, starts the reader.
-    fn handshake(self: &Arc<Self>, st: &mut State) -> Result<(), ClientError> {
+    /// Connects, says HELLO, opens the registered pools and maps the arena, holding no
+    /// lock while it waits for the host.
+    fn handshake(&self) -> Result<Handshake, ClientError> {
         let t = self.opts.timeout;
         let stream = self
             .transport
@@ -698,36 +692,6 @@ impl Inner {
         let hello =
             HelloReply::decode(&payload).map_err(|e| ClientError::Protocol(e.to_string()))?;
         limits.max_value = hello.max_value;
-        for slot in st.pools.iter_mut() {
-            let (flags, name) = slot.req.encode();
-            let open = || -> Result<PoolId, ClientError> {
-                let (h, p) = call_sync(&stream, &limits, Op::NewPool, flags, PoolId(0), &name)
-                    .map_err(io_err)?;
-                if h.status != Status::Ok || p.len() != 4 {
-                    return Err(ClientError::Refused {
-                        op: Op::NewPool,
-                        status: h.status,
-                    });
-                }
-                Ok(PoolId(u32::from_le_bytes([p[0], p[1], p[2], p[3]])))
-            };
-            let mut id = match open() {
-                Ok(id) => id,
-                // One refused pool (e.g. a grant revoked) must not keep the rest offline.
-                Err(e @ ClientError::Refused { .. }) => {
-                    tracing::warn!("pool {:?} not reopened: {e}", slot.req.kind);
-                    slot.server = None;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            if slot.reset {
-                call_sync(&stream, &limits, Op::DestroyPool, 0, id, &[]).map_err(io_err)?;
-                id = open()?;
-            }
-            slot.server = Some(id);
-            slot.reset = false;
-        }
         let mapped = match &stream {
             Stream::Unix(s) if self.opts.map && hello.capabilities & CAP_MAP != 0 => {
                 match Mapped::open(s, &limits) {
@@ -740,24 +704,283 @@ impl Inner {
             }
             _ => None,
         };
-        *self.mapped.write().unwrap_or_else(PoisonError::into_inner) = mapped;
-        stream.set_read_timeout(None).map_err(io_err)?;
-        let reader = stream.try_clone().map_err(io_err)?;
-        st.gen += 1;
-        let gen = st.gen;
+        // (The reader thread sets its own receive timeout.)
+        let mut h = Handshake {
+            stream,
+            limits,
+            hello,
+            mapped,
+            pools: Vec::new(),
+            seen: 0,
+        };
+        self.open_pools(&mut h)?;
+        Ok(h)
+    }
+
+    /// Opens the registered pools the handshake has not looked at yet (those registered
+    /// while it runs too: until none is new), on its socket, without the state lock.
+    fn open_pools(&self, h: &mut Handshake) -> Result<(), ClientError> {
+        let t = self.opts.timeout;
+        let io_err = |e: io::Error| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Timeout(t),
+            _ => self.unreachable(format!("handshake: {e}")),
+        };
+        let (stream, limits) = (&h.stream, &h.limits);
+        // Pools registered while this runs are opened too: loop until none is new.
+        loop {
+            let todo: Vec<(usize, NewPool, bool)> = {
+                let st = self.lock();
+                if st.pools.len() == h.seen {
+                    break;
+                }
+                let todo = st.pools[h.seen..]
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| p.registered)
+                    .map(|(j, p)| (h.seen + j, p.req.clone(), p.reset))
+                    .collect();
+                h.seen = st.pools.len();
+                todo
+            };
+            for (i, req, reset) in todo {
+                let (flags, name) = req.encode();
+                let open = || -> Result<PoolId, ClientError> {
+                    let (r, p) = call_sync(stream, limits, Op::NewPool, flags, PoolId(0), &name)
+                        .map_err(io_err)?;
+                    if r.status != Status::Ok || p.len() != 4 {
+                        return Err(ClientError::Refused {
+                            op: Op::NewPool,
+                            status: r.status,
+                        });
+                    }
+                    Ok(PoolId(u32::from_le_bytes([p[0], p[1], p[2], p[3]])))
+                };
+                let mut id = match open() {
+                    Ok(id) => id,
+                    // One refused pool (e.g. a grant revoked) must not keep the rest offline.
+                    Err(e @ ClientError::Refused { .. }) => {
+                        tracing::warn!("pool {:?} not reopened: {e}", req.kind);
+                        h.pools.push((i, None));
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                if reset {
+                    call_sync(stream, limits, Op::DestroyPool, 0, id, &[]).map_err(io_err)?;
+                    id = open()?;
+                }
+                h.pools.push((i, Some(id)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes a finished handshake the current connection and starts its reader.
+    fn install(self: &Arc<Self>, st: &mut State, h: Handshake) -> Result<(), ClientError> {
+        let reader = h
+            .stream
+            .try_clone()
+            .map_err(|e| self.unreachable(format!("handshake: {e}")))?;
+        let gen = st.gen + 1;
         let me = Arc::clone(self);
+        let limits = h.limits;
         thread::Builder::new()
             .name("utmem-reader".into())
             .spawn(move || me.read_loop(reader, gen, limits))
             .map_err(|e| self.unreachable(format!("cannot start the reader thread: {e}")))?;
-        tracing::debug!(target = %self.transport.describe(), identity = %hello.identity, "connected");
-        st.hello = Some(hello);
-        st.conn = Some(Live {
+        st.gen = gen;
+        for slot in st.pools.iter_mut() {
+            slot.state = PoolState::Closed;
+        }
+        for (i, id) in h.pools {
+            if let Some(id) = id {
+                st.pools[i].state = PoolState::Open(id);
+                st.pools[i].reset = false;
+            }
+        }
+        tracing::debug!(target = %self.transport.describe(), identity = %h.hello.identity, "connected");
+        let live = Arc::new(Live {
             gen,
-            stream: Arc::new(stream),
-            limits,
+            stream: Arc::new(h.stream),
+            limits: h.limits,
+            mapped: h.mapped,
         });
+        self.hello.store(Some(Arc::new(h.hello)));
+        self.live.store(Some(Arc::clone(&live)));
+        st.conn = Some(live);
         Ok(())
+    }
+
+    /// Queues frames (under one lock, so they leave in one writev) and writes if
+    /// nobody else is writing. With no connection, the requests wait for the one
+    /// being made (starting it if need be).
+    fn send_many(self: &Arc<Self>, items: Vec<Item>) {
+        let mut st = self.lock();
+        if st.conn.is_none() {
+            match self.start_connect(&mut st) {
+                Ok(()) => st.waiting.extend(items),
+                Err(e) => {
+                    drop(st);
+                    fail_all(items.into_iter().map(|i| i.done).collect(), &e);
+                }
+            }
+            return;
+        }
+        let refused = self.queue(&mut st, items);
+        if !refused.is_empty() {
+            drop(st);
+            for (done, e) in refused {
+                done(Err(e));
+            }
+            st = self.lock();
+        }
+        if st.writing {
+            return; // the writer in progress takes it with its next writev
+        }
+        st.writing = true;
+        // Write until the queue is empty, always on the connection that is current now:
+        // a reconnect while we wrote may have queued requests for the new one.
+        loop {
+            let Some(live) = st.conn.as_ref() else {
+                st.writing = false;
+                return;
+            };
+            if st.outq.is_empty() {
+                st.writing = false;
+                return;
+            }
+            let (wgen, stream) = (live.gen, Arc::clone(&live.stream));
+            let mut q = std::mem::take(&mut st.outq);
+            drop(st);
+            let res = write_queue(&stream, &mut q);
+            st = self.lock();
+            if let Err(e) = res {
+                st.writing = false;
+                let failed = self.disconnect(&mut st, wgen);
+                drop(st);
+                fail_all(failed, &self.unreachable(format!("write failed: {e}")));
+                return;
+            }
+            if st.outq.is_empty() {
+                st.outq = q; // keep the allocation
+            }
+        }
+    }
+
+    /// Encodes requests for the current connection; those whose pool is being opened
+    /// wait; returns those refused before sending.
+    fn queue(&self, st: &mut State, items: Vec<Item>) -> Vec<(Completion, ClientError)> {
+        let mut refused = Vec::new();
+        let Some(live) = st.conn.as_ref() else {
+            return refused;
+        };
+        let (gen, limits) = (live.gen, live.limits);
+        let now = Instant::now();
+        let mut items = std::collections::VecDeque::from(items);
+        while let Some(it) = items.pop_front() {
+            if it.payload.len() as u64 > limits.request_payload(it.op) {
+                let e = ClientError::Invalid(format!(
+                    "{} bytes is over the host's limit of {} for {:?}",
+                    it.payload.len(),
+                    limits.request_payload(it.op),
+                    it.op
+                ));
+                refused.push((it.done, e));
+                continue;
+            }
+            if it.deadline <= now {
+                refused.push((it.done, ClientError::Timeout(self.opts.timeout)));
+                continue;
+            }
+            let id = st.next_id;
+            let pool = match (it.opens, it.pool) {
+                (Some(i), _) => {
+                    st.pools[i].state = PoolState::Opening(id);
+                    None
+                }
+                (None, None) => None,
+                (None, Some(Pool(i))) => match st.pools.get(i).map(|slot| slot.state) {
+                    Some(PoolState::Open(server)) => Some((i, server)),
+                    Some(PoolState::Opening(_)) => {
+                        st.waiting.push(it);
+                        continue;
+                    }
+                    // Registered but not open here (its NEW_POOL was refused or timed
+                    // out): try again, at most once a second, and let the request wait.
+                    Some(PoolState::Closed)
+                        if st.pools[i].registered
+                            && st.pools[i]
+                                .tried
+                                .is_none_or(|t| t.elapsed() >= REOPEN_EVERY) =>
+                    {
+                        st.pools[i].state = PoolState::Opening(0);
+                        let open = self.open_item_locked(st, i, Box::new(|_| {}));
+                        items.push_front(open);
+                        st.waiting.push(it);
+                        continue;
+                    }
+                    Some(PoolState::Closed) => {
+                        let e = self.unreachable("the pool is not open on this connection");
+                        refused.push((it.done, e));
+                        continue;
+                    }
+                    None => {
+                        let e = ClientError::Invalid(format!("pool handle {i} was never opened"));
+                        refused.push((it.done, e));
+                        continue;
+                    }
+                },
+            };
+            st.next_id += 1;
+            let h = RequestHeader {
+                flags: it.flags,
+                pool: pool.map_or(PoolId(0), |(_, server)| server),
+                key: it.key,
+                len: it.payload.len() as u64,
+                ..RequestHeader::new(it.op, RequestId(id))
+            };
+            st.outq.push_copy(&h.encode());
+            if !it.payload.is_empty() {
+                st.outq.push_payload(it.payload);
+            }
+            st.inflight.insert(
+                id,
+                Pending {
+                    op: it.op,
+                    len: h.len,
+                    gen,
+                    deadline: it.deadline,
+                    pool,
+                    opens: it.opens,
+                    done: it.done,
+                },
+            );
+        }
+        refused
+    }
+
+    /// Drops connection `gen` if it is the current one; returns the requests to fail
+    /// (those in flight on it, and those waiting for one of its pools to open).
+    fn disconnect(&self, st: &mut State, gen: u64) -> Vec<Completion> {
+        if st.conn.as_ref().map(|l| l.gen) != Some(gen) {
+            return Vec::new();
+        }
+        if let Some(live) = st.conn.take() {
+            live.stream.shutdown();
+        }
+        // A reader inside a mapped value keeps the mapping until it is done.
+        self.live.store(None);
+        for slot in st.pools.iter_mut() {
+            slot.state = PoolState::Closed;
+        }
+        st.outq = OutQueue::new();
+        let mut failed: Vec<Completion> = st
+            .inflight
+            .extract_if(|_, p| p.gen == gen)
+            .map(|(_, p)| p.done)
+            .collect();
+        failed.extend(std::mem::take(&mut st.waiting).into_iter().map(|i| i.done));
+        failed
     }
 
     fn read_loop(self: Arc<Self>, stream: Stream, gen: u64, limits: Limits) {
@@ -792,7 +1015,7 @@ impl Inner {
         fail_all(failed, &e);
     }
 
-    fn complete(&self, h: ReplyHeader, payload: Bytes) {
+    fn complete(self: &Arc<Self>, h: ReplyHeader, payload: Bytes) {
         let Some(p) = self.lock().inflight.remove(&h.id.0) else {
             return; // the request timed out earlier; its late answer is dropped
         };
@@ -808,7 +1031,7 @@ impl Inner {
                     Ok(at) => {
                         // Map its pages here, off the caller's thread, so that reading
                         // it later takes no page faults.
-                        if let Some(m) = self.mapped().as_ref() {
+                        if let Some(m) = self.live.load().as_ref().and_then(|l| l.mapped.as_ref()) {
                             m.populate(at, p.len);
                         }
                         Ok(Response::Placed(at))
@@ -823,19 +1046,66 @@ impl Inner {
                 (status, op) => Err(ClientError::Refused { op, status }),
             }
         };
-        (p.done)(r);
+        self.settle(h.id.0, p, r);
     }
 
-    fn expire(&self) {
-        let now = Instant::now();
-        let expired: Vec<Completion> = {
+    /// Runs a request's completion, after the pool bookkeeping its outcome calls for:
+    /// a NEW_POOL opens its slot (or closes it), and UNKNOWN_POOL for an open pool
+    /// starts re-opening it.
+    fn settle(self: &Arc<Self>, id: u64, p: Pending, r: Result<Response, ClientError>) {
+        let mut redo = Vec::new();
+        let mut reopen = None;
+        if let Some(i) = p.opens {
             let mut st = self.lock();
-            st.inflight
-                .extract_if(|_, p| p.deadline <= now)
-                .map(|(_, p)| p.done)
-                .collect()
+            if st.pools[i].state == PoolState::Opening(id) {
+                st.pools[i].state = match &r {
+                    Ok(Response::Value(b)) if b.len() == 4 => {
+                        st.pools[i].registered = true;
+                        PoolState::Open(PoolId(u32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+                    }
+                    _ => PoolState::Closed,
+                };
+                // Requests that waited for it go now (or fail, if it did not open).
+                redo = std::mem::take(&mut st.waiting);
+            }
+        } else if let (
+            Some((i, server)),
+            Err(ClientError::Refused {
+                status: Status::UnknownPool,
+                ..
+            }),
+        ) = (p.pool, &r)
+        {
+            // The host forgot the pool (the operator dropped our identity, or it was
+            // destroyed): open it again under the same handle, once.
+            let mut st = self.lock();
+            let current = st.conn.as_ref().map(|l| l.gen) == Some(p.gen);
+            if current && st.pools[i].state == PoolState::Open(server) {
+                // Requests for it wait from now on (request ids start at 1).
+                st.pools[i].state = PoolState::Opening(0);
+                drop(st);
+                tracing::info!("pool {i} is unknown to the host; opening it again");
+                reopen = Some(self.open_item(i, Box::new(|_| {})));
+            }
+        }
+        (p.done)(r);
+        if let Some(item) = reopen {
+            redo.push(item);
+        }
+        if !redo.is_empty() {
+            self.send_many(redo);
+        }
+    }
+
+    fn expire(self: &Arc<Self>) {
+        let now = Instant::now();
+        let expired: Vec<(u64, Pending)> = {
+            let mut st = self.lock();
+            st.inflight.extract_if(|_, p| p.deadline <= now).collect()
         };
-        fail_all(expired, &ClientError::Timeout(self.opts.timeout));
+        for (id, p) in expired {
+            self.settle(id, p, Err(ClientError::Timeout(self.opts.timeout)));
+        }
     }
 }
 

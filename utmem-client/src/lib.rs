@@ -19,8 +19,10 @@ pub mod transport;
 
 pub use client::{Client, Completion, Options};
 pub use error::ClientError;
-pub use mapped::Mapped;
+pub use mapped::{MapError, Mapped};
 pub use request::{Pool, Request, Response};
 pub use spec::{Spec, DEVICE_PATH, HOST_CID};
 pub use transport::{Stream, Transport, UnixTransport, VsockTransport};
 pub use utmem_proto as proto;
+/// Mapped values are handed out as volatile memory ([`Client::with_mapped`]).
+pub use vm_memory::VolatileSlice;

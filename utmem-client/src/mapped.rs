@@ -1,19 +1,37 @@
 //! Reading values straight from the host's arena (local Unix sockets only).
 //!
 //! On connect, a client that asks for it sends MAP and receives the identity's
-//! arena memfd, which it maps read-only. PUT replies then say where each value
-//! was placed ([`Placement`]), and a GET of that value reads the mapping in place:
-//! the client makes its reader word odd, checks the value's stamp, uses the bytes and
-//! makes the word even (the host never reuses space a reader may be in; see
-//! [`Placement`]). A value the host dropped, evicted or replaced has no valid stamp
-//! and is never returned: the caller asks over the socket instead.
+//! arena memfd and a reader-word memfd. Both must be sealed against shrinking and
+//! growing and at least as long as announced, or nothing is mapped (a process that
+//! binds the socket path must not be able to make us fault with SIGBUS). PUT
+//! replies then say where each value was placed ([`Placement`]), and a read of that
+//! value takes it from the mapping: enter as a reader, check the value's stamp, copy
+//! the bytes with volatile reads ([`VolatileSlice`]: the host may change the memory
+//! at any time, so no `&[u8]` to it is ever made), check the stamp again, leave. A
+//! value the host dropped, evicted or replaced has no valid stamp and is never
+//! returned: the caller asks over the socket instead.
+//!
+//! # The reader word, with many threads
+//!
+//! The host gives one reader word per connection and parks an extent it releases
+//! while the word is odd, until the word differs from what it was at the release
+//! ("odd and unchanged since"). So the word must be odd while *any* thread of ours
+//! is inside a value, and must not change while one is: a second reader that bumped
+//! it would tell the host the first one had left. The threads therefore count
+//! themselves in private memory ([`Mapped::readers`]) and only the first one in
+//! (0 → 1) and the last one out (1 → 0) move the word, each with one increment;
+//! while a transition is in flight, others wait a few spins and otherwise give up
+//! (the caller then reads over the socket). A busy period admits a bounded number of
+//! entries, so overlapping readers cannot keep the word odd, and the host's space
+//! parked, for ever.
 
 // Offsets are u64 on the wire and usize in memory; every offset cast here was
 // checked to lie inside a mapping, whose length is a usize.
 #![allow(clippy::cast_possible_truncation)]
 
+use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -21,22 +39,56 @@ use utmem_proto::{
     Limits, MapReply, Op, Placement, ReplyHeader, RequestHeader, RequestId, Status,
     ARENA_HEADER_LEN, REPLY_HEADER_LEN,
 };
-use utmem_sys::{self as sys, Mmap};
+use utmem_sys as sys;
+use vm_memory::{FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
+
+const WORD_LEN: usize = 4096;
+
+/// `readers`: threads inside a value now (low 32 bits).
+const COUNT: u64 = 0xffff_ffff;
+/// `readers`: one entry admitted in this busy period (bits 32..62).
+const ENTRY: u64 = 1 << 32;
+/// `readers`: the first reader in or the last one out is moving the shared word.
+const TRANSITION: u64 = 1 << 63;
+/// Entries one busy period admits; later ones wait for it to end (or give up).
+const PERIOD_ENTRIES: u64 = 1024;
+/// Spins a reader waits for a transition or the end of a busy period.
+const SPINS: u32 = 256;
 
 /// A read-only mapping of the host's arena for this client's identity.
 #[derive(Debug)]
 pub struct Mapped {
-    map: Mmap,
+    arena: MmapRegion,
     /// Pages below this offset were populated before: space the host reuses is
     /// already in our page tables (unless the host punched it since: a minor fault).
     populated_to: AtomicU64,
-    /// This connection's reader word (a page; the u64 at its start).
-    word: Mmap,
+    /// This connection's reader word (a page; the u64 at its start), shared with the host.
+    word: MmapRegion,
+    /// Private: readers inside now, entries admitted in this busy period, and whether
+    /// the shared word is being moved (see the module docs).
+    readers: AtomicU64,
+}
+
+/// Why a MAP was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    /// The socket failed or the host refused.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The host sent a descriptor that could fault a reader (not sealed, too short).
+    #[error("unsafe {what} descriptor: {why}")]
+    Unsafe {
+        /// "arena" or "reader word".
+        what: &'static str,
+        /// What is wrong with it.
+        why: String,
+    },
 }
 
 impl Mapped {
-    /// Sends MAP on a socket nobody else reads yet and maps what comes back.
-    pub fn open(mut sock: &UnixStream, limits: &Limits) -> io::Result<Mapped> {
+    /// Sends MAP on a socket nobody else reads yet and maps what comes back, after
+    /// checking that neither descriptor can shrink under us.
+    pub fn open(mut sock: &UnixStream, limits: &Limits) -> Result<Mapped, MapError> {
         sock.write_all(&RequestHeader::new(Op::Map, RequestId(0)).encode())?;
         let fd = sock.as_fd();
         let mut buf = [0u8; REPLY_HEADER_LEN + MapReply::LEN];
@@ -47,7 +99,7 @@ impl Mapped {
         while got < want {
             let (n, f) = sys::recv_with_fds(fd, &mut buf[got..want])?;
             if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
             }
             fds.extend(f);
             got += n;
@@ -57,7 +109,7 @@ impl Mapped {
                 let h = ReplyHeader::decode(&hb, limits)
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
                 if h.op != Op::Map || h.status != Status::Ok {
-                    return Err(io::Error::other(format!("MAP refused: {:?}", h.status)));
+                    return Err(io::Error::other(format!("MAP refused: {:?}", h.status)).into());
                 }
                 want = buf.len();
             }
@@ -72,59 +124,132 @@ impl Mapped {
         })?;
         let len = usize::try_from(reply.len).map_err(io::Error::other)?;
         Ok(Mapped {
-            map: Mmap::new(arena.as_fd(), len, false)?,
+            arena: map_sealed(arena, len, false, "arena")?,
             populated_to: AtomicU64::new(0),
-            word: Mmap::new(word.as_fd(), 4096, true)?,
+            word: map_sealed(word, WORD_LEN, true, "reader word")?,
+            readers: AtomicU64::new(0),
         })
     }
 
     fn word(&self) -> &AtomicU64 {
-        // SAFETY: a page-aligned shared page of our own; its first u64 is only
-        // accessed atomically (here and by the host).
-        unsafe { AtomicU64::from_ptr(self.word.as_ptr().cast::<u64>()) }
+        self.word
+            .get_atomic_ref::<AtomicU64>(0)
+            .expect("the word page is page-aligned and 4096 bytes long")
     }
 
-    /// Runs `f` on the value placed at `p` (`len` bytes), in place in the mapping;
-    /// `None` if it is not there any more. The host does not reuse the bytes while `f`
-    /// runs, so keep `f` short (a copy into a reply).
-    pub fn with_value<R>(&self, p: Placement, len: usize, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+    /// Enters as a reader; false if the word is busy changing hands for longer than a
+    /// few spins, or this busy period admitted its share (the caller reads over the
+    /// socket instead).
+    fn enter(&self) -> bool {
+        for _ in 0..SPINS {
+            let s = self.readers.load(Ordering::SeqCst);
+            let count = s & COUNT;
+            let entries = (s & !TRANSITION) >> 32;
+            if s & TRANSITION != 0 || (count > 0 && entries >= PERIOD_ENTRIES) || count == COUNT {
+                std::hint::spin_loop();
+                continue;
+            }
+            if count == 0 {
+                // First one in: make the word odd, then let the others join.
+                if self
+                    .readers
+                    .compare_exchange(
+                        s,
+                        TRANSITION | ENTRY | 1,
+                        Ordering::SeqCst,
+                        Ordering::SeqCst,
+                    )
+                    .is_ok()
+                {
+                    self.word().fetch_add(1, Ordering::SeqCst);
+                    self.readers.store(ENTRY | 1, Ordering::SeqCst);
+                    return true;
+                }
+            } else if self
+                .readers
+                .compare_exchange(s, s + ENTRY + 1, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                // The word is odd (no transition in flight and someone inside): join.
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Leaves; the last one out makes the word even.
+    fn exit(&self) {
+        loop {
+            let s = self.readers.load(Ordering::SeqCst);
+            // We are inside, so nobody else can be moving the word now.
+            debug_assert!(s & TRANSITION == 0 && s & COUNT > 0);
+            if s & COUNT == 1 {
+                if self
+                    .readers
+                    .compare_exchange(s, TRANSITION, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    self.word().fetch_add(1, Ordering::SeqCst);
+                    self.readers.store(0, Ordering::SeqCst);
+                    return;
+                }
+            } else if self
+                .readers
+                .compare_exchange(s, s - 1, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                return;
+            }
+        }
+    }
+
+    /// Runs `f` on the value placed at `p` (`len` bytes) as volatile memory; `None`
+    /// if it is not there (or the readers are busy), and also `None` if its stamp
+    /// changed by the time `f` returned: whatever `f` did with the bytes must then be
+    /// thrown away. The host keeps the space while `f` runs, so keep `f` short.
+    pub fn with_value<R>(
+        &self,
+        p: Placement,
+        len: usize,
+        f: impl FnOnce(VolatileSlice<'_>) -> R,
+    ) -> Option<R> {
         let end = p
             .offset
             .checked_add(ARENA_HEADER_LEN)?
             .checked_add(len as u64)?;
-        if end > self.map.len() as u64 || !p.offset.is_multiple_of(8) {
+        if end > self.arena.len() as u64 || !p.offset.is_multiple_of(8) {
             return None;
         }
-        let base = self.map.as_ptr();
         let off = p.offset as usize;
-        let word = self.word();
-        word.fetch_add(1, Ordering::SeqCst);
-        // SAFETY: `off` is 8-aligned and `off + 16 + len` is inside the mapping (checked
-        // above); the stamp is only ever written atomically by the host.
-        let stamp = unsafe { AtomicU64::from_ptr(base.add(off).cast::<u64>()) };
-        // SAFETY: in bounds as above, written by the host before the stamp.
-        let ok = stamp.load(Ordering::SeqCst) == p.stamp
-            && unsafe { base.add(off + 8).cast::<u64>().read_volatile() } == len as u64;
-        let r =
-            ok.then(|| {
-                // SAFETY: `len` bytes inside the mapping, published with the stamp we just
-                // saw; our odd reader word keeps the host from reusing them until we are done.
-                f(unsafe {
-                    std::slice::from_raw_parts(base.add(off + ARENA_HEADER_LEN as usize), len)
-                })
-            });
-        word.fetch_add(1, Ordering::Release);
-        r
+        if !self.enter() {
+            return None;
+        }
+        let _inside = Inside(self);
+        // Against the host's stamp clear and its look at the word (both SeqCst).
+        let cell = |at| self.arena.get_atomic_ref::<AtomicU64>(at).ok();
+        let stamp = cell(off)?;
+        if stamp.load(Ordering::SeqCst) != p.stamp
+            || cell(off + 8)?.load(Ordering::Acquire) != len as u64
+        {
+            return None;
+        }
+        let bytes = self
+            .arena
+            .get_slice(off + ARENA_HEADER_LEN as usize, len)
+            .ok()?;
+        let r = f(bytes);
+        (stamp.load(Ordering::SeqCst) == p.stamp).then_some(r)
     }
 
-    /// Copies the value placed at `p` (`len` bytes) into `out`; false if it is not
-    /// there any more (or never was).
+    /// Copies the value placed at `p` (`len` bytes) into `out` (reusing its
+    /// allocation); false if it is not there any more (or never was), and then
+    /// `out` holds nothing useful.
     pub fn read_into(&self, p: Placement, len: usize, out: &mut Vec<u8>) -> bool {
-        self.with_value(p, len, |b| {
-            out.clear();
-            out.extend_from_slice(b);
-        })
-        .is_some()
+        // Grows (and zeroes) only past what `out` held before; a reused buffer is not
+        // written twice.
+        out.resize(len, 0);
+        self.with_value(p, len, |b| b.copy_to(&mut out[..]) == len)
+            .unwrap_or(false)
     }
 
     /// Maps the pages of the value placed at `p` into this process's page tables
@@ -136,20 +261,181 @@ impl Mapped {
         let Some(end) = p.offset.checked_add(ARENA_HEADER_LEN + len) else {
             return;
         };
-        let end = end.min(self.map.len() as u64);
+        let end = end.min(self.arena.len() as u64);
         let before = self.populated_to.fetch_max(end, Ordering::Relaxed);
         let start = p.offset.max(before) / 4096 * 4096;
         if start >= end {
             return;
         }
-        // SAFETY: the range lies inside our mapping (clamped above); POPULATE_READ only
-        // faults pages in for reading, it never changes their contents.
+        // SAFETY: the range lies inside our mapping (clamped above; the mapping is
+        // page-aligned); POPULATE_READ only faults pages in for reading, it never
+        // changes their contents, and the file cannot shrink (sealed, checked).
         unsafe {
             libc::madvise(
-                self.map.as_ptr().add(start as usize).cast(),
+                self.arena.as_ptr().add(start as usize).cast(),
                 (end - start) as usize,
                 libc::MADV_POPULATE_READ,
             )
         };
+    }
+}
+
+/// Leaves the reader count when dropped (also when `f` panics).
+struct Inside<'a>(&'a Mapped);
+
+impl Drop for Inside<'_> {
+    fn drop(&mut self) {
+        self.0.exit();
+    }
+}
+
+/// Maps `fd` (`len` bytes, shared) after checking that it is sealed against shrinking
+/// and growing and at least `len` bytes long: a file that could shrink would turn our
+/// reads into SIGBUS.
+fn map_sealed(
+    fd: OwnedFd,
+    len: usize,
+    writable: bool,
+    what: &'static str,
+) -> Result<MmapRegion, MapError> {
+    let bad = |why: String| MapError::Unsafe { what, why };
+    let need = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+    let seals = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GET_SEALS)
+        .map_err(|e| bad(format!("cannot read its seals ({e}): not a sealable memfd")))?;
+    if seals & need != need {
+        return Err(bad(format!(
+            "seals {seals:#x} lack F_SEAL_SHRINK|F_SEAL_GROW"
+        )));
+    }
+    let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| bad(format!("fstat: {e}")))?;
+    let size = u64::try_from(st.st_size).unwrap_or(0);
+    if size < len as u64 {
+        return Err(bad(format!("{size} bytes, {len} announced")));
+    }
+    if len == 0 {
+        return Err(bad("empty".into()));
+    }
+    let prot = if writable {
+        libc::PROT_READ | libc::PROT_WRITE
+    } else {
+        libc::PROT_READ
+    };
+    MmapRegion::build(
+        Some(FileOffset::new(File::from(fd), 0)),
+        len,
+        prot,
+        libc::MAP_SHARED,
+    )
+    .map_err(|e| MapError::Io(io::Error::other(e.to_string())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memfd(len: u64, seals: i32) -> OwnedFd {
+        // SAFETY: memfd_create reads a NUL-terminated name and returns a new descriptor.
+        let fd = unsafe { libc::memfd_create(c"utmem-test".as_ptr(), libc::MFD_ALLOW_SEALING) };
+        assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        let f = File::from(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+        f.set_len(len).expect("set_len");
+        if seals != 0 {
+            nix::fcntl::fcntl(
+                f.as_raw_fd(),
+                nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::from_bits_truncate(seals)),
+            )
+            .expect("seal");
+        }
+        OwnedFd::from(f)
+    }
+
+    fn mapped(arena_len: u64) -> Mapped {
+        let s = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+        Mapped {
+            arena: map_sealed(memfd(arena_len, s), arena_len as usize, false, "arena")
+                .expect("arena"),
+            populated_to: AtomicU64::new(0),
+            word: map_sealed(memfd(4096, s), WORD_LEN, true, "word").expect("word"),
+            readers: AtomicU64::new(0),
+        }
+    }
+
+    #[test]
+    fn only_sealed_long_enough_memfds_are_mapped() {
+        let s = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+        assert!(map_sealed(memfd(8192, s), 8192, false, "arena").is_ok());
+        let e = map_sealed(memfd(8192, 0), 8192, false, "arena").expect_err("unsealed");
+        assert!(e.to_string().contains("F_SEAL_SHRINK"), "{e}");
+        let e = map_sealed(memfd(8192, libc::F_SEAL_GROW), 8192, false, "arena")
+            .expect_err("may shrink");
+        assert!(e.to_string().contains("lack"), "{e}");
+        let e = map_sealed(memfd(4096, s), 8192, false, "arena").expect_err("short");
+        assert!(e.to_string().contains("4096 bytes, 8192 announced"), "{e}");
+        let file = tempfile::tempfile().expect("tmp");
+        file.set_len(8192).expect("len");
+        assert!(map_sealed(OwnedFd::from(file), 8192, false, "arena").is_err());
+    }
+
+    /// The word the host sees: odd exactly while someone is inside, unchanged while
+    /// readers overlap, and moved on once the last one left.
+    #[test]
+    fn overlapping_readers_keep_the_word_odd_and_unchanged() {
+        let m = mapped(8192);
+        let w = || m.word().load(Ordering::SeqCst);
+        assert_eq!(w(), 0);
+        assert!(m.enter());
+        let v = w();
+        assert_eq!(v % 2, 1);
+        assert!(m.enter()); // a second thread joins
+        assert_eq!(w(), v, "a joining reader must not move the word");
+        m.exit(); // the first one leaves; the second is still inside
+        assert_eq!(w(), v, "still inside: the host must keep parking");
+        m.exit();
+        assert_eq!(w() % 2, 0);
+        assert!(m.enter());
+        assert_ne!(w(), v, "a new busy period has a new odd value");
+        m.exit();
+        assert_eq!(m.readers.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_busy_period_admits_a_bounded_number_of_entries() {
+        let m = mapped(8192);
+        assert!(m.enter()); // one reader stays inside throughout
+        for _ in 1..PERIOD_ENTRIES {
+            assert!(m.enter());
+            m.exit();
+        }
+        assert!(
+            !m.enter(),
+            "the period is full: later readers use the socket"
+        );
+        m.exit();
+        assert!(m.enter(), "a new period starts once everyone left");
+        m.exit();
+    }
+
+    #[test]
+    fn many_threads_keep_the_count_exact() {
+        let m = std::sync::Arc::new(mapped(8192));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let m = std::sync::Arc::clone(&m);
+                std::thread::spawn(move || {
+                    for _ in 0..20_000 {
+                        if m.enter() {
+                            assert_eq!(m.word().load(Ordering::SeqCst) % 2, 1, "inside, odd");
+                            m.exit();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        assert_eq!(m.readers.load(Ordering::SeqCst), 0);
+        assert_eq!(m.word().load(Ordering::SeqCst) % 2, 0);
     }
 }

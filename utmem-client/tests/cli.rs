@@ -100,3 +100,40 @@ fn bench_prints_one_summary_line() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("bench: 2000 ops, 16 in flight"));
 }
+
+/// Bad arguments and unreadable files are usage errors (2) that name what was wrong,
+/// even with a host up; they never reach the host (3).
+#[test]
+fn bad_arguments_and_files_exit_2_and_say_which() {
+    let d = Daemon::start(&[]);
+    let spec = format!("unix:{}", d.sock.display());
+    let cases: [(&[&str], &str); 6] = [
+        (&["bench", "--put-ratio", "2"], "--put-ratio"),
+        (&["bench", "--put-ratio=-0.5"], "--put-ratio"),
+        (&["bench", "--inflight", "0"], "--inflight"),
+        (&["bench", "--keys", "0"], "--keys"),
+        (&["--timeout-ms", "0", "ping"], "--timeout-ms"),
+        (&["put", "5", "/nonexistent"], "/nonexistent"),
+    ];
+    for (args, named) in cases {
+        let out = utmem(&spec, args, b"");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(named), "{args:?} should name {named}: {err}");
+    }
+    // Nothing was stored by the failed put.
+    assert_eq!(utmem(&spec, &["get", "5"], b"").status.code(), Some(1));
+}
+
+#[test]
+fn version_names_the_program() {
+    let out = Command::new(env!("CARGO_BIN_EXE_utmem"))
+        .arg("--version")
+        .output()
+        .expect("run utmem");
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("utmem {}", env!("CARGO_PKG_VERSION"))
+    );
+}

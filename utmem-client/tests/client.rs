@@ -470,11 +470,17 @@ fn mapped_reads_never_see_reused_space() {
             };
             // Hold the value a while, as a slow reader would: the writer goes on
             // replacing values (and freeing their space) meanwhile.
-            let check = |b: &[u8]| {
+            let check = |b: utmem_client::VolatileSlice<'_>| {
                 thread::sleep(Duration::from_millis(1));
-                b.iter().all(|x| *x == fill)
+                let mut copy = vec![0u8; LEN];
+                b.copy_to(&mut copy[..]);
+                copy.iter().all(|x| *x == fill)
             };
-            match c.with_mapped(at, LEN, check) {
+            // What `check` saw inside the value counts, whether or not the value was
+            // replaced by the time it returned (then the answer is `None`).
+            let mut saw = None;
+            let _ = c.with_mapped(at, LEN, |b| saw = Some(check(b)));
+            match saw {
                 Some(true) => whole += 1,
                 Some(false) => panic!("key {k}: a mapped read saw bytes of another value"),
                 None => gone += 1,

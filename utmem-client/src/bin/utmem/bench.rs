@@ -16,15 +16,25 @@ pub struct BenchArgs {
     /// Requests to time (after the keys are filled).
     #[arg(long, default_value_t = 100_000)]
     ops: u64,
-    /// Requests kept in flight.
-    #[arg(long, default_value_t = 64)]
+    /// Requests kept in flight (at least 1).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
     inflight: u64,
-    /// Fraction of PUTs (the rest are GETs).
-    #[arg(long, default_value_t = 0.0)]
+    /// Fraction of PUTs, 0 to 1 (the rest are GETs).
+    #[arg(long, default_value_t = 0.0, value_parser = ratio)]
     put_ratio: f64,
-    /// Distinct keys used (filled with PUTs before timing starts).
-    #[arg(long, default_value_t = 1024)]
+    /// Distinct keys used (filled with PUTs before timing starts; at least 1).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     keys: u64,
+}
+
+/// A fraction within 0..=1 (clap reports a bad one as a usage error naming the option).
+fn ratio(s: &str) -> Result<f64, String> {
+    let r: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if (0.0..=1.0).contains(&r) {
+        Ok(r)
+    } else {
+        Err(format!("{r} is not within 0..1"))
+    }
 }
 
 /// What a run measured.

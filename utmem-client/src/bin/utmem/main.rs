@@ -1,6 +1,7 @@
 //! `utmem`: talk to a utmem host from the command line.
 //!
-//! Exit codes: 0 ok, 1 not found, 2 usage, 3 host error.
+//! Exit codes: 0 ok, 1 not found, 2 usage (a bad argument, a file that cannot be read),
+//! 3 host error.
 
 mod bench;
 
@@ -15,7 +16,7 @@ use utmem_client::{Client, ClientError, Options};
 
 /// Talk to a utmem host: store, fetch and drop values, read counters, measure a transport.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(name = "utmem", version)]
 struct Cli {
     /// Where the host is: unix:/path, vsock:PORT, vsock:CID:PORT or auto.
     #[arg(long, env = "UTMEM_CONNECT", value_name = "SPEC")]
@@ -23,8 +24,8 @@ struct Cli {
     /// Pool name (a persistent pool of your identity).
     #[arg(long, default_value = "default")]
     pool: String,
-    /// Per-request timeout in milliseconds.
-    #[arg(long, default_value_t = 5000)]
+    /// Per-request timeout in milliseconds (at least 1).
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
     timeout_ms: u64,
     #[command(subcommand)]
     command: Command,
@@ -61,6 +62,7 @@ enum Command {
 enum Failure {
     NotFound(String),
     Host(ClientError),
+    /// A usage or local error (exit 2): a bad argument, a file that cannot be read.
     Local(String),
 }
 
@@ -95,15 +97,32 @@ fn main() -> ExitCode {
         }
         Err(Failure::Local(m)) => {
             eprintln!("utmem: {m}");
-            ExitCode::from(3)
+            ExitCode::from(2)
         }
     }
+}
+
+/// The bytes of FILE, or of stdin for `-`.
+fn read_input(file: &str) -> Result<Vec<u8>, Failure> {
+    let mut data = Vec::new();
+    let res = if file == "-" {
+        std::io::stdin().read_to_end(&mut data)
+    } else {
+        std::fs::File::open(file).and_then(|mut f| f.read_to_end(&mut data))
+    };
+    res.map_err(|e| Failure::Local(format!("cannot read {file}: {e}")))?;
+    Ok(data)
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {
     let opts = Options {
         timeout: Duration::from_millis(cli.timeout_ms),
         ..Options::default()
+    };
+    // Local input first: a file that cannot be read is the caller's error, not the host's.
+    let data = match &cli.command {
+        Command::Put { file, .. } => Some(read_input(file)?),
+        _ => None,
     };
     let client = Client::connect(&cli.connect, opts)?;
     let pool = client.open_pool(PoolKind::Private(cli.pool.clone()), false)?;
@@ -120,15 +139,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 rtt.as_micros()
             );
         }
-        Command::Put { oid, file } => {
-            let mut data = Vec::new();
-            let res = if file == "-" {
-                std::io::stdin().read_to_end(&mut data)
-            } else {
-                std::fs::File::open(&file).and_then(|mut f| f.read_to_end(&mut data))
-            };
-            res.map_err(|e| Failure::Local(format!("cannot read {file}: {e}")))?;
-            client.put(pool, key(oid), Bytes::from(data))?;
+        Command::Put { oid, .. } => {
+            client.put(pool, key(oid), Bytes::from(data.unwrap_or_default()))?;
         }
         Command::Get { oid } => match client.get(pool, key(oid))? {
             Some(v) => std::io::stdout()
