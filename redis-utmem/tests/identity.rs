@@ -8,7 +8,7 @@ use utmem_testkit::{pattern, Daemon, Redis};
 
 fn offloads_again_after_drop_identity(d: &Daemon, spec: &str, identity: &str) {
     let r = Redis::start(&["transport", spec, "threshold", "1024"], &[]);
-    let pool = format!("redis-{}", r.port);
+    let pool = r.pool();
     let mut c = r.conn();
     let old = pattern(1, 50_000);
     let _: () = redis::cmd("UTMEM.SET")
