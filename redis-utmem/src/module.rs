@@ -21,6 +21,17 @@ fn port(ctx: &Context) -> String {
     }
 }
 
+/// CONFIG SET utmem.timeout-ms: requests sent from now on use the new timeout.
+fn on_timeout_changed(
+    _ctx: &redis_module::configuration::ConfigurationContext,
+    _name: &str,
+    _v: &'static std::sync::atomic::AtomicI64,
+) {
+    if let Some(s) = io::shared() {
+        s.client.set_timeout(config::timeout());
+    }
+}
+
 fn on_fork(born: bool) {
     io::send(io::Job::Fork(born));
 }
@@ -142,7 +153,7 @@ redis_module! {
     configurations: [
         i64: [
             ["threshold", &config::THRESHOLD, 4096, 0, config::THRESHOLD_MAX, ConfigurationFlags::DEFAULT, None],
-            ["timeout-ms", &config::TIMEOUT_MS, 5000, 1, config::TIMEOUT_MAX, ConfigurationFlags::DEFAULT, None],
+            ["timeout-ms", &config::TIMEOUT_MS, 5000, 1, config::TIMEOUT_MAX, ConfigurationFlags::DEFAULT, Some(Box::new(on_timeout_changed))],
             ["max-pending-bytes", &config::MAX_PENDING_BYTES, 256 << 20, 0, i64::MAX, ConfigurationFlags::DEFAULT, None],
             ["mapped-read-max", &config::MAPPED_READ_MAX, 1 << 20, 0, config::THRESHOLD_MAX, ConfigurationFlags::DEFAULT, None],
         ],

@@ -485,3 +485,43 @@ fn copy_while_the_host_is_stopped_loses_nothing() {
     let got: Vec<u8> = redis::cmd("UTMEM.GET").arg("dst").query(&mut c).unwrap();
     assert!(got == v);
 }
+
+/// `CONFIG SET utmem.timeout-ms` takes effect at once, for the requests sent after it.
+#[test]
+fn timeout_ms_changes_at_run_time() {
+    let d = Daemon::start(&[]);
+    let r = Redis::start(
+        &[
+            "transport",
+            &d.spec(),
+            "threshold",
+            "1024",
+            "timeout-ms",
+            "500",
+            "mapped-read-max",
+            "0",
+        ],
+        &[],
+    );
+    let mut c = r.conn();
+    assert_eq!(utmem_set(&mut c, "k", &pattern(5, 5000)).unwrap(), "OK");
+    d.signal(Signal::SIGSTOP);
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("utmem.timeout-ms")
+        .arg("2500")
+        .query(&mut c)
+        .unwrap();
+    let t0 = Instant::now();
+    let e = redis::cmd("UTMEM.GET")
+        .arg("k")
+        .query::<Vec<u8>>(&mut c)
+        .expect_err("host stopped");
+    let took = t0.elapsed();
+    assert!(e.to_string().contains("2500 ms"), "{e}");
+    assert!(
+        took >= Duration::from_millis(2000),
+        "the old timeout applied: {took:?}"
+    );
+    d.signal(Signal::SIGCONT);
+}

@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -160,6 +160,8 @@ struct Inner {
     live: ArcSwapOption<Live>,
     /// What the host said in its last HELLO.
     hello: ArcSwapOption<HelloReply>,
+    /// The request timeout in ms (`Options::timeout`, changed by `Client::set_timeout`).
+    timeout_ms: AtomicU64,
 }
 
 /// A connection to utmem-hostd, shared by any number of threads (clone it).
@@ -237,6 +239,7 @@ impl Client {
             closed: AtomicBool::new(false),
             live: ArcSwapOption::empty(),
             hello: ArcSwapOption::empty(),
+            timeout_ms: AtomicU64::new(duration_ms(opts.timeout)),
         });
         Client {
             handle: Arc::new(Handle(inner)),
@@ -245,6 +248,18 @@ impl Client {
 
     fn inner(&self) -> &Arc<Inner> {
         &self.handle.0
+    }
+
+    /// Changes the request timeout for requests submitted from now on.
+    pub fn set_timeout(&self, timeout: Duration) {
+        self.inner()
+            .timeout_ms
+            .store(duration_ms(timeout).max(1), Ordering::Relaxed);
+    }
+
+    /// The request timeout.
+    pub fn timeout(&self) -> Duration {
+        self.inner().timeout()
     }
 
     /// The transport, as a spec string.
@@ -430,7 +445,7 @@ impl Client {
     /// Submits several requests at once: they are queued under one lock and leave
     /// in one vectored write (the way an I/O thread hands over what it collected).
     pub fn submit_many(&self, reqs: Vec<(Request, Completion)>) {
-        let deadline = Instant::now() + self.inner().opts.timeout;
+        let deadline = Instant::now() + self.inner().timeout();
         let items = reqs
             .into_iter()
             .map(|(req, done)| item(req, deadline, done))
@@ -442,7 +457,7 @@ impl Client {
         &self,
         rx: mpsc::Receiver<Result<Response, ClientError>>,
     ) -> Result<Response, ClientError> {
-        let t = self.inner().opts.timeout;
+        let t = self.inner().timeout();
         // The reader thread enforces the timeout once a request is sent; a handshake
         // has its own socket timeouts. This margin only guards against a bug.
         rx.recv_timeout(t * 3 + Duration::from_secs(1))
@@ -556,7 +571,16 @@ struct Handshake {
     seen: usize,
 }
 
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 impl Inner {
+    /// The request timeout now.
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed))
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         lock_state(&self.state)
     }
@@ -583,7 +607,7 @@ impl Inner {
             pool: None,
             key: Key::default(),
             payload: Bytes::from(payload),
-            deadline: Instant::now() + self.opts.timeout,
+            deadline: Instant::now() + self.timeout(),
             opens: Some(i),
             done,
         }
@@ -663,7 +687,7 @@ impl Inner {
     /// Connects, says HELLO, opens the registered pools and maps the arena, holding no
     /// lock while it waits for the host.
     fn handshake(&self) -> Result<Handshake, ClientError> {
-        let t = self.opts.timeout;
+        let t = self.timeout();
         let stream = self
             .transport
             .connect()
@@ -720,7 +744,7 @@ impl Inner {
     /// Opens the registered pools the handshake has not looked at yet (those registered
     /// while it runs too: until none is new), on its socket, without the state lock.
     fn open_pools(&self, h: &mut Handshake) -> Result<(), ClientError> {
-        let t = self.opts.timeout;
+        let t = self.timeout();
         let io_err = |e: io::Error| match e.kind() {
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Timeout(t),
             _ => self.unreachable(format!("handshake: {e}")),
@@ -889,7 +913,7 @@ impl Inner {
                 continue;
             }
             if it.deadline <= now {
-                refused.push((it.done, ClientError::Timeout(self.opts.timeout)));
+                refused.push((it.done, ClientError::Timeout(self.timeout())));
                 continue;
             }
             let id = st.next_id;
@@ -986,7 +1010,7 @@ impl Inner {
     fn read_loop(self: Arc<Self>, stream: Stream, gen: u64, limits: Limits) {
         let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
         let tick =
-            (self.opts.timeout / 10).clamp(Duration::from_millis(1), Duration::from_millis(100));
+            (self.timeout() / 10).clamp(Duration::from_millis(1), Duration::from_millis(100));
         let mut next_scan = Instant::now() + tick;
         if let Err(e) = stream.set_read_timeout(Some(tick)) {
             tracing::warn!("cannot set the reader's tick: {e}");
@@ -1104,7 +1128,7 @@ impl Inner {
             st.inflight.extract_if(|_, p| p.deadline <= now).collect()
         };
         for (id, p) in expired {
-            self.settle(id, p, Err(ClientError::Timeout(self.opts.timeout)));
+            self.settle(id, p, Err(ClientError::Timeout(self.timeout())));
         }
     }
 }
