@@ -111,6 +111,10 @@ unsafe extern "C" fn rdb_load(rdb: *mut RedisModuleIO, encver: c_int) -> *mut c_
     let oid = io::next_oid();
     let slot = if flag == FLAG_LOST {
         Slot::lost(oid)
+    } else if bytes.len() < crate::config::threshold() {
+        // Below this server's threshold (RESTORE or MIGRATE from a server with a lower
+        // one): the bytes stay in Redis.
+        Slot::local(oid, bytes)
     } else {
         let slot = Slot::pending(oid, bytes);
         io::send(Job::Put {

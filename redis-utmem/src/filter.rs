@@ -1,9 +1,10 @@
 //! Saves that would have to call values lost are refused before they start.
 //!
 //! A type callback cannot fail a save that runs on the main thread (SAVE, SHUTDOWN's
-//! save, DEBUG RELOAD): a value it cannot read could only be written as lost. So while
-//! offloaded values exist and the host does not answer, a command filter turns those
-//! commands into `utmem.refused`, which answers with an error and changes nothing.
+//! save, DEBUG RELOAD, DUMP, MIGRATE): a value it cannot read could only be written as
+//! lost. So while offloaded values exist and the host does not answer, a command filter
+//! turns those commands into `utmem.refused`, which answers with an error and changes
+//! nothing.
 //! (BGSAVE needs no filter: its child fails the save instead.)
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -24,19 +25,25 @@ fn values_unreachable() -> bool {
     crate::stats().offloaded_values.load(Relaxed) > 0 && !crate::io::host_answers()
 }
 
-/// The filter: SAVE, SHUTDOWN that would save, DEBUG RELOAD.
+/// The filter: SAVE, SHUTDOWN that would save, DEBUG RELOAD, DUMP, MIGRATE.
 pub fn refuse_unreadable_saves(args: &FilterArgs) {
     let n = args.len();
     let Some(first) = args.arg(0) else { return };
-    // Cheap for every other command: a look at the first letter and the length.
-    if n > 6 || !matches!(first.first(), Some(b's' | b'S' | b'd' | b'D')) {
+    // Cheap for every other command: a look at the first letter.
+    if !matches!(first.first(), Some(b's' | b'S' | b'd' | b'D' | b'm' | b'M')) {
         return;
     }
     let what = if is(Some(first), "save") && n == 1 {
         "SAVE"
     } else if is(Some(first), "debug") && is(args.arg(1), "reload") {
         "DEBUG RELOAD"
-    } else if is(Some(first), "shutdown") {
+    } else if is(Some(first), "dump") {
+        // DUMP and MIGRATE serialise on the main thread too; MIGRATE then deletes the
+        // source, so a value written as lost there would be lost for good.
+        "DUMP"
+    } else if is(Some(first), "migrate") {
+        "MIGRATE"
+    } else if is(Some(first), "shutdown") && n <= 6 {
         let flag = |f: &str| (1..n).any(|i| is(args.arg(i), f));
         let saves = flag("save") || (SAVE_POINTS.load(Relaxed) && !flag("nosave"));
         if !saves || flag("force") || flag("abort") {

@@ -79,6 +79,18 @@ impl Slot {
         })
     }
 
+    /// A value whose bytes stay in Redis (below the threshold where it was loaded).
+    pub fn local(oid: u64, bytes: Bytes) -> Arc<Slot> {
+        Stats::add(&crate::stats().inline_values, 1);
+        Arc::new(Slot {
+            oid,
+            len: bytes.len(),
+            state: Mutex::new(State::Local(bytes)),
+            submitted: AtomicBool::new(false),
+            fell_back: AtomicBool::new(true),
+        })
+    }
+
     /// A copy of `src` (a remote value) that the host is asked to duplicate under `oid`;
     /// until it has, reads go to `src`.
     pub fn copy_of(oid: u64, src: &Arc<Slot>) -> Arc<Slot> {

@@ -358,7 +358,12 @@ fn saves_wait_for_an_unreachable_host_instead_of_losing_values() {
         "{}",
         r.log()
     );
-    for cmd in [&["SAVE"][..], &["DEBUG", "RELOAD"], &["SHUTDOWN", "SAVE"]] {
+    for cmd in [
+        &["SAVE"][..],
+        &["DEBUG", "RELOAD"],
+        &["SHUTDOWN", "SAVE"],
+        &["DUMP", "k"],
+    ] {
         let mut q = redis::cmd(cmd[0]);
         for a in &cmd[1..] {
             q.arg(*a);

@@ -376,6 +376,35 @@ impl Redis {
         Self::start_with(dir, free_port(), module_args, extra)
     }
 
+    /// A Redis Cluster node: cluster mode on, on a port whose cluster bus port (+10000)
+    /// is free too.
+    pub fn start_cluster_node(module_args: &[&str], extra: &[&str]) -> Redis {
+        let port = loop {
+            let p = free_port();
+            let Some(bus) = p.checked_add(10_000) else {
+                continue;
+            };
+            if std::net::TcpListener::bind(("127.0.0.1", bus)).is_ok() {
+                break p;
+            }
+        };
+        let mut all = vec![
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "5000",
+        ];
+        all.extend_from_slice(extra);
+        Self::start_with(
+            tempfile::tempdir().expect("tempdir"),
+            port,
+            module_args,
+            &all,
+        )
+    }
+
     /// A server that listens on a Unix socket in its directory only (`port 0`), as
     /// containers often run it.
     pub fn start_unix(dir: tempfile::TempDir, module_args: &[&str]) -> Redis {
