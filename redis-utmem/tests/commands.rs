@@ -578,3 +578,34 @@ fn max_pending_bytes_caps_puts_in_flight_without_losing_any() {
     }
     assert_eq!(r.info("utmem", "utmem_pending"), "0");
 }
+
+/// UTMEM.STATS mirrors INFO utmem, field for field, with the same `utmem_` names.
+#[test]
+fn stats_names_match_info() {
+    let (_d, r) = start();
+    let mut c = r.conn();
+    let Value::Array(items) = raw(&mut c, &["UTMEM.STATS"]) else {
+        panic!("UTMEM.STATS is not an array");
+    };
+    let names: Vec<String> = items
+        .iter()
+        .step_by(2)
+        .map(|v| match v {
+            Value::SimpleString(s) => s.clone(),
+            Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+            v => panic!("{v:?}"),
+        })
+        .collect();
+    let info: String = redis::cmd("INFO").arg("utmem").query(&mut c).expect("info");
+    let info_names: Vec<&str> = info
+        .lines()
+        .filter_map(|l| l.split_once(':').map(|(k, _)| k))
+        .collect();
+    assert!(names.len() > 10, "{names:?}");
+    for n in &names {
+        assert!(
+            info_names.contains(&n.as_str()),
+            "{n} is not an INFO utmem field"
+        );
+    }
+}
