@@ -379,10 +379,7 @@ pub fn get(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let key = Key::open(ctx, &args[1]);
     // The common case, without allocating: the value is in the mapped arena.
     if let Some(Stub(slot)) = key.stub() {
-        let replied = io::with_mapped(slot, config::mapped_read_max(), |b| {
-            crate::raw::write_reply_bytes(ctx, b)
-        });
-        if replied.is_some() {
+        if io::reply_mapped(ctx, slot, config::mapped_read_max()) {
             return Ok(RedisValue::NoReply);
         }
     }

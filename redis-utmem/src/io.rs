@@ -323,6 +323,38 @@ pub fn with_mapped<R>(slot: &Slot, max: usize, f: impl FnOnce(&[u8]) -> R) -> Op
     r
 }
 
+/// Replies to the command of `ctx` with `slot`'s bytes straight from the mapped arena:
+/// one copy, made by Redis into the client's reply. True if it replied.
+///
+/// Safe with the arena protocol: the stamp is checked with the reader word held, and
+/// the host never writes a value's bytes while a reader may be in them (it parks freed
+/// space until the reader word moves on). If the value was dropped while Redis copied,
+/// the reply is the value as it was when the read began, which is where this read
+/// takes effect.
+pub fn reply_mapped(ctx: &redis_module::Context, slot: &Slot, max: usize) -> bool {
+    if max == 0 || slot.len > max || !in_parent() {
+        return false;
+    }
+    let Some(at) = slot.placement() else {
+        return false;
+    };
+    let Some(s) = shared() else { return false };
+    let len = slot.len;
+    let mut replied = false;
+    let _ = s.client.with_mapped(at, len, |vs| {
+        let guard = vs.ptr_guard();
+        // SAFETY: the guard keeps the volatile slice's `len` bytes mapped until it drops.
+        unsafe { crate::raw::write_reply_from(ctx, guard.as_ptr(), len.min(vs.len())) };
+        replied = true;
+    });
+    Stats::bump(if replied {
+        &crate::stats().mapped_reads
+    } else {
+        &crate::stats().mapped_fallbacks
+    });
+    replied
+}
+
 fn check(slot: &Slot, crc: u32, v: Bytes) -> Result<Bytes, Val> {
     if v.len() != slot.len || crc32fast::hash(&v) != crc {
         Stats::bump(&crate::stats().checksum_errors);

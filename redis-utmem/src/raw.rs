@@ -56,6 +56,19 @@ pub fn write_reply_bytes(ctx: &Context, b: &[u8]) {
     }
 }
 
+/// Replies on a command's context with a bulk string Redis copies from `len` bytes at
+/// `p` (memory another process may write: no Rust reference to it is made).
+///
+/// # Safety
+/// `p` must be valid for reads of `len` bytes until this returns.
+pub unsafe fn write_reply_from(ctx: &Context, p: *const u8, len: usize) {
+    // SAFETY: `ctx` is the live context of the running command; the caller guarantees
+    // `p`/`len`; the reply function copies the bytes before returning.
+    unsafe {
+        raw::RedisModule_ReplyWithStringBuffer.expect("api")(ctx.ctx, p.cast::<c_char>(), len);
+    }
+}
+
 /// Writes `v` as the reply on `ctx` (a command's context, or the thread-safe
 /// context of a blocked client).
 pub fn write_reply(ctx: &Context, v: &Val) {
