@@ -1,6 +1,9 @@
 //! `utmem-bench compare`: plain SET/GET against UTMEM.SET/UTMEM.GET on the same
 //! server, same keyspace and request count, alternating rounds so drift hits
 //! both; with Redis memory, host pool bytes and Redis main-thread CPU per request.
+//! The load is the built-in generator ([`crate::load`]); with
+//! [`Settings::redis_benchmark`], Debian's redis-benchmark also runs, right after it
+//! in each round, for the sizes it can send ([`crate::redis_benchmark`]).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -9,6 +12,7 @@ use serde::Serialize;
 use utmem_testkit::{Daemon, Redis};
 
 use crate::load::{self, Kind, Outcome};
+use crate::redis_benchmark as rb;
 
 /// Settings of a comparison.
 #[derive(Debug, Clone)]
@@ -27,6 +31,8 @@ pub struct Settings {
     pub max_requests: u64,
     /// Module options beyond transport and threshold.
     pub module_options: Vec<(String, String)>,
+    /// Also drive each size up to [`rb::MAX_VALUE`] with redis-benchmark.
+    pub redis_benchmark: bool,
 }
 
 impl Settings {
@@ -40,6 +46,7 @@ impl Settings {
             min_requests: if quick { 1500 } else { 5000 },
             max_requests: if quick { 15_000 } else { 100_000 },
             module_options: Vec::new(),
+            redis_benchmark: false,
         }
     }
 
@@ -80,6 +87,18 @@ pub struct KindFigures {
     pub rss: i64,
     /// Bytes in the host pool.
     pub pool_bytes: u64,
+    /// The same commands driven by redis-benchmark (when it ran at this size).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_benchmark: Option<DriverFigures>,
+}
+
+/// SET and GET figures of one driver.
+#[derive(Debug, Clone, Serialize)]
+pub struct DriverFigures {
+    /// SET or UTMEM.SET.
+    pub set: OpFigures,
+    /// GET or UTMEM.GET.
+    pub get: OpFigures,
 }
 
 /// One value size.
@@ -195,17 +214,56 @@ impl Bench<'_> {
         Ok((out, per))
     }
 
+    /// One redis-benchmark run, and the main thread's CPU per request.
+    fn run_rb(&self, spec: &rb::Spec) -> anyhow::Result<(rb::Figures, f64)> {
+        let pid = self.redis.child.id();
+        let cpu0 = thread_cpu_us(pid, pid);
+        let f = rb::run(spec)?;
+        if spec.with_value {
+            self.wait_offloaded()?;
+            let mut c = self.redis.conn();
+            let keys: u64 = redis::cmd("DBSIZE").query(&mut c)?;
+            // redis-benchmark counts error replies as answers: make sure values landed.
+            anyhow::ensure!(
+                keys > 0,
+                "redis-benchmark's {} stored nothing",
+                spec.command
+            );
+        }
+        let cpu = thread_cpu_us(pid, pid).saturating_sub(cpu0);
+        Ok((f, cpu as f64 / spec.requests.max(1) as f64))
+    }
+
     /// Fills every key (so GETs hit), then measures memory.
-    fn fill(&self, command: &str, keyspace: u64, value: &[u8]) -> anyhow::Result<()> {
+    fn fill(
+        &self,
+        command: &str,
+        keyspace: u64,
+        value: &[u8],
+        key: fn(u64) -> String,
+    ) -> anyhow::Result<()> {
         let mut c = self.redis.conn();
         for chunk in (0..keyspace).collect::<Vec<_>>().chunks(64) {
             let mut p = redis::pipe();
             for k in chunk {
-                p.cmd(command).arg(format!("key:{k}")).arg(value).ignore();
+                p.cmd(command).arg(key(*k)).arg(value).ignore();
             }
             let _: () = p.query(&mut c)?;
         }
         self.wait_offloaded()
+    }
+}
+
+fn rb_figures(runs: &[(rb::Figures, f64)]) -> OpFigures {
+    // Clamped to u32's range first, so the cast cannot wrap.
+    #[allow(clippy::cast_possible_truncation)]
+    let us = |v: f64| v.round().clamp(0.0, f64::from(u32::MAX)) as u32;
+    OpFigures {
+        ops: median(runs.iter().map(|(f, _)| f.ops).collect()),
+        p50_us: median_u32(runs.iter().map(|(f, _)| us(f.p50_us)).collect()),
+        p99_us: median_u32(runs.iter().map(|(f, _)| us(f.p99_us)).collect()),
+        main_cpu_us: median(runs.iter().map(|(_, c)| *c).collect()),
+        errors: 0,
     }
 }
 
@@ -235,12 +293,21 @@ pub fn run(s: &Settings, stop: &dyn Fn() -> bool) -> anyhow::Result<Report> {
     let version = redis.info("server", "redis_version");
     let mut sizes = Vec::new();
     let total = s.sizes.len() * s.rounds * 2;
+    if s.redis_benchmark {
+        eprintln!(
+            "compare: redis-benchmark also drives sizes up to {} B, e.g. {}",
+            rb::MAX_VALUE,
+            rb_spec(redis.port, "UTMEM.SET", true, s, 1024).shell_line()
+        );
+    }
     let mut step = 0;
     for &size in &s.sizes {
         let requests = s.requests(size);
         let keyspace = s.keyspace(size);
         let value = vec![b'x'; size];
         let mut runs: [[Vec<(Outcome, f64)>; 2]; 2] = Default::default(); // [plain|utmem][set|get]
+        let mut rb_runs: [[Vec<(rb::Figures, f64)>; 2]; 2] = Default::default();
+        let with_rb = s.redis_benchmark && size <= rb::MAX_VALUE;
         let mut mem = [(0i64, 0i64, 0u64); 2];
         for round in 0..s.rounds {
             // Alternate which goes first.
@@ -272,12 +339,21 @@ pub fn run(s: &Settings, stop: &dyn Fn() -> bool) -> anyhow::Result<Report> {
                 };
                 let r = b.run(&spec(set, Kind::Set), &value)?;
                 runs[which][0].push(r);
-                b.fill(set, keyspace, &value)?;
+                b.fill(set, keyspace, &value, |k| format!("key:{k}"))?;
                 let (u, rss) = b.used();
                 let pool_bytes = daemon.pool_usage(&pool).1;
                 mem[which] = (u - base, rss, pool_bytes);
                 let r = b.run(&spec(get, Kind::Get), &value)?;
                 runs[which][1].push(r);
+                if with_rb {
+                    eprintln!("compare [{step}/{total}]: the same with redis-benchmark");
+                    b.flushall()?;
+                    let r = b.run_rb(&rb_spec(redis.port, set, true, s, size))?;
+                    rb_runs[which][0].push(r);
+                    b.fill(set, keyspace, &value, rb::key)?;
+                    let r = b.run_rb(&rb_spec(redis.port, get, false, s, size))?;
+                    rb_runs[which][1].push(r);
+                }
             }
         }
         b.flushall()?;
@@ -287,6 +363,10 @@ pub fn run(s: &Settings, stop: &dyn Fn() -> bool) -> anyhow::Result<Report> {
             used_memory: mem[w].0,
             rss: mem[w].1,
             pool_bytes: mem[w].2,
+            redis_benchmark: with_rb.then(|| DriverFigures {
+                set: rb_figures(&rb_runs[w][0]),
+                get: rb_figures(&rb_runs[w][1]),
+            }),
         };
         let r = SizeResult {
             size,
@@ -311,6 +391,19 @@ pub fn run(s: &Settings, stop: &dyn Fn() -> bool) -> anyhow::Result<Report> {
         module_options: s.module_options.clone(),
         sizes,
     })
+}
+
+/// The redis-benchmark run matching the built-in generator's at `size`.
+fn rb_spec(port: u16, command: &str, with_value: bool, s: &Settings, size: usize) -> rb::Spec {
+    rb::Spec {
+        port,
+        command: command.into(),
+        with_value,
+        clients: s.clients,
+        requests: s.requests(size),
+        keyspace: s.keyspace(size),
+        size,
+    }
 }
 
 fn machine() -> String {

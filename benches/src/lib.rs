@@ -6,6 +6,7 @@
 pub mod compare;
 pub mod load;
 pub mod pressure;
+pub mod redis_benchmark;
 pub mod report;
 pub mod stall;
 

@@ -5,10 +5,12 @@
 //! pools; it knows nothing of sockets. [`server`] accepts guests on Unix and
 //! AF_VSOCK listeners, tells who they are from the transport, and serves
 //! pipelined utmem-proto requests against the store. [`admin`] is the
-//! operator's channel; [`config`] the command line and the TOML file.
+//! operator's channel; [`metrics`] the same figures for Prometheus; [`config`]
+//! the command line and the TOML file.
 
 pub mod admin;
 pub mod config;
+pub mod metrics;
 pub mod server;
 pub mod store;
 

@@ -10,7 +10,7 @@ use utmem_benches::{compare, report};
 
 /// Compare plain Redis with Redis + utmem on this machine.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(name = "utmem-bench", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -24,15 +24,21 @@ enum Command {
         /// One round, fewer requests: under a minute.
         #[arg(long)]
         quick: bool,
-        /// Where to write the JSON and the SVG chart.
+        /// Where to write compare.json, compare.svg and compare.png.
         #[arg(long, default_value = "target/utmem-bench")]
         out: PathBuf,
-        /// Value sizes to run (bytes); default 1K 4K 16K 64K 256K 1M.
+        /// Value sizes to run (bytes). [default: 1024,4096,16384,65536,262144,1048576]
         #[arg(long, value_delimiter = ',')]
         sizes: Vec<usize>,
         /// Extra module options, NAME=VALUE (repeatable), e.g. `set-ack=local`.
+        /// [default: none]
         #[arg(long = "module-option", value_name = "NAME=VALUE")]
         module_options: Vec<String>,
+        /// Load driver: `builtin` (utmem-bench's own generator, every size), or
+        /// `redis-benchmark`: the built-in generator and, for sizes up to 64 KiB,
+        /// Debian's redis-benchmark beside it (its rows in the same tables).
+        #[arg(long, value_enum, default_value_t = Driver::Builtin)]
+        driver: Driver,
     },
     /// PING latency while utmem-hostd is stopped (SIGSTOP) and clients wait in UTMEM.GET.
     Stall {
@@ -57,9 +63,19 @@ enum Command {
         #[arg(long, default_value = "target/utmem-bench")]
         out: PathBuf,
         /// Extra module options, NAME=VALUE (repeatable), e.g. `set-ack=local`.
+        /// [default: none]
         #[arg(long = "module-option", value_name = "NAME=VALUE")]
         module_options: Vec<String>,
     },
+}
+
+/// Who sends the requests in `compare`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Driver {
+    /// utmem-bench's own generator only.
+    Builtin,
+    /// The built-in generator plus redis-benchmark (sizes up to 64 KiB).
+    RedisBenchmark,
 }
 
 fn main() -> ExitCode {
@@ -132,8 +148,10 @@ fn main() -> ExitCode {
             out,
             sizes,
             module_options,
+            driver,
         } => {
             let mut s = compare::Settings::new(quick);
+            s.redis_benchmark = driver == Driver::RedisBenchmark;
             match split_options(&module_options) {
                 Ok(o) => s.module_options = o,
                 Err(e) => {
@@ -154,6 +172,7 @@ fn main() -> ExitCode {
                     }
                     let json = out.join("compare.json");
                     let svg = out.join("compare.svg");
+                    let png = out.join("compare.png");
                     let written = serde_json::to_string_pretty(&r)
                         .map_err(anyhow::Error::from)
                         .and_then(|j| std::fs::write(&json, j).map_err(anyhow::Error::from))
@@ -165,6 +184,11 @@ fn main() -> ExitCode {
                                 json.display(),
                                 svg.display()
                             );
+                            // The PNG is a convenience: without rsvg-convert, say so and go on.
+                            match report::png(&svg, &png) {
+                                Ok(()) => eprintln!("utmem-bench: wrote {}", png.display()),
+                                Err(e) => eprintln!("utmem-bench: no PNG: {e}"),
+                            }
                             ExitCode::SUCCESS
                         }
                         Err(e) => {

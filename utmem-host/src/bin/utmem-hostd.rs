@@ -7,18 +7,18 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use utmem_host::admin;
 use utmem_host::config::{default_capacity, parse_size, ConfigFile, ListenSpec};
 use utmem_host::server::{
     default_io_threads, serve as serve_listeners, Listener, ServerConfig, Timeouts,
     DEFAULT_MAX_CONNECTIONS,
 };
+use utmem_host::{admin, metrics};
 use utmem_host::{Policy, Store, StoreOptions, VALUE_OVERHEAD};
 use utmem_proto::{DEFAULT_MAX_VALUE, MIN_MAX_VALUE};
 
 /// The utmem host daemon: keeps guests' large values in memory pools on the host.
 #[derive(Debug, Parser)]
-#[command(version, args_conflicts_with_subcommands = true)]
+#[command(name = "utmem-hostd", version, args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -30,12 +30,13 @@ struct Cli {
 struct ServeArgs {
     /// Where guests connect: unix:PATH, unix:PATH=NAME (every client is identity NAME,
     /// e.g. a VM's hybrid-vsock socket <uds>_<port>) or vsock:PORT. Repeatable.
+    /// [default: none; the config file's `listen`]
     #[arg(long, value_name = "SPEC")]
     listen: Vec<ListenSpec>,
-    /// Host-wide cap on stored value bytes (e.g. 8G). Default: half of physical memory.
+    /// Host-wide cap on stored value bytes (e.g. 8G). [default: half of physical memory]
     #[arg(long, value_parser = parse_size)]
     capacity: Option<u64>,
-    /// Cap on the bytes of each identity (a cap, not a reservation). Default: the capacity.
+    /// Cap on the bytes of each identity (a cap, not a reservation). [default: the capacity]
     #[arg(long, value_parser = parse_size)]
     quota: Option<u64>,
     /// Largest value a guest may store: at least 512M (the default, Redis's bulk
@@ -54,18 +55,28 @@ struct ServeArgs {
     /// Drop a connection that takes none of its waiting replies for this long.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     write_timeout: Duration,
-    /// Threads serving the connections. Default: one per core, at most 4.
+    /// Threads serving the connections. [default: one per core, at most 4]
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
     io_threads: Option<u64>,
     /// TOML file with per-identity quotas and shared-pool grants; re-read on SIGHUP.
+    /// [default: none]
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// The operator's socket (created with mode 0600): unix:PATH.
+    /// The operator's socket (created with mode 0600): unix:PATH. [default: none]
     #[arg(long, value_name = "unix:PATH")]
     admin: Option<String>,
     /// Drop the pools of an identity that has had no connection for this long (e.g. 1h).
+    /// [default: never]
     #[arg(long, value_parser = humantime::parse_duration)]
     idle_expiry: Option<Duration>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9719): no
+    /// authentication, and they name every identity and pool, so only loopback
+    /// addresses unless --metrics-any-address. [default: none]
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
+    /// Allow --metrics on a non-loopback address (anyone who reaches it sees the figures).
+    #[arg(long, requires = "metrics")]
+    metrics_any_address: bool,
     /// Log level; RUST_LOG overrides it.
     #[arg(long, default_value = "info",
           value_parser = ["off", "error", "warn", "info", "debug", "trace"])]
@@ -220,6 +231,13 @@ fn run(args: ServeArgs) -> Result<(), String> {
             let _ = std::fs::remove_file(p);
         }
     };
+    if let Some(addr) = args.metrics {
+        let sock = metrics::bind(addr, args.metrics_any_address).map_err(|e| e.to_string())?;
+        let local = sock.local_addr().map_err(|e| e.to_string())?;
+        metrics::spawn(sock, Arc::clone(&store))
+            .map_err(|e| format!("cannot start the metrics thread: {e}"))?;
+        tracing::info!("metrics at http://{local}/metrics");
+    }
     if let Some(spec) = &args.admin {
         let path = admin_path(spec);
         let sock = admin::bind(&path).map_err(|e| {

@@ -11,7 +11,7 @@ use utmem_proto::{PoolId, PoolKind};
 use super::pool::Pool;
 use super::{lock, read, write};
 
-/// Counters kept per identity; all monotonic.
+/// Counters kept per identity and per pool; all monotonic.
 #[derive(Debug, Default)]
 pub struct Counters {
     pub(crate) puts: AtomicU64,
@@ -19,7 +19,10 @@ pub struct Counters {
     pub(crate) hits: AtomicU64,
     pub(crate) misses: AtomicU64,
     pub(crate) evictions: AtomicU64,
+    /// PUTs refused: NO_SPACE or TOO_LARGE.
     pub(crate) refusals: AtomicU64,
+    /// PUTs refused with NO_SPACE.
+    pub(crate) no_space: AtomicU64,
 }
 
 impl Counters {

@@ -29,7 +29,7 @@ pub use identity::Identity;
 pub use policy::{Policy, SharedGrant};
 pub use pool::Pool;
 pub use reservation::Reservation;
-pub use snapshot::{HostSnapshot, IdentitySnapshot, PoolSnapshot};
+pub use snapshot::{HostSnapshot, IdentitySnapshot, PoolCounters, PoolSnapshot};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -313,7 +313,7 @@ impl Store {
         len: u64,
     ) -> Result<Reservation, Status> {
         if len > self.max_value {
-            Counters::bump(&caller.counters.refusals);
+            bump(caller, pool, |c| &c.refusals);
             return Err(Status::TooLarge);
         }
         let acct = &pool.account;
@@ -332,7 +332,7 @@ impl Store {
                 let old = inner.len_of(key).map_or(0, |n| self.charge_of(n));
                 let need = new.saturating_sub(old);
                 if self.reserve(acct, need)
-                    || (pool.ephemeral && self.evict_until(&mut inner, acct, need))
+                    || (pool.ephemeral && self.evict_until(pool, &mut inner, need))
                 {
                     return Ok(self.reservation(acct, need));
                 }
@@ -342,7 +342,7 @@ impl Store {
                 break;
             }
         }
-        Counters::bump(&caller.counters.refusals);
+        refuse_no_space(caller, pool);
         Err(Status::NoSpace)
     }
 
@@ -379,9 +379,9 @@ impl Store {
         if res.bytes() < need {
             let more = need - res.bytes();
             if !(self.reserve(acct, more)
-                || (pool.ephemeral && self.evict_until(&mut inner, acct, more)))
+                || (pool.ephemeral && self.evict_until(pool, &mut inner, more)))
             {
-                Counters::bump(&caller.counters.refusals);
+                refuse_no_space(caller, pool);
                 return Status::NoSpace;
             }
             res.add(more);
@@ -400,16 +400,17 @@ impl Store {
         if !inner.insert(key, value) {
             acct.values.fetch_add(1, Relaxed);
         }
-        Counters::bump(&caller.counters.puts);
+        bump(caller, pool, |c| &c.puts);
         Status::Ok
     }
 
     /// Evicts from a locked ephemeral pool until `need` bytes are reserved.
-    fn evict_until(&self, inner: &mut PoolInner, acct: &Identity, need: u64) -> bool {
+    fn evict_until(&self, pool: &Pool, inner: &mut PoolInner, need: u64) -> bool {
+        let acct = &pool.account;
         while let Some(victim) = inner.victim() {
             if let Some(Removed(n)) = inner.remove(victim) {
                 self.release(acct, n, 1);
-                Counters::bump(&acct.counters.evictions);
+                bump(acct, pool, |c| &c.evictions);
             }
             if self.reserve(acct, need) {
                 return true;
@@ -435,7 +436,7 @@ impl Store {
                 let Some(victim) = inner.victim() else { break };
                 if let Some(Removed(n)) = inner.remove(victim) {
                     self.release(acct, n, 1);
-                    Counters::bump(&acct.counters.evictions);
+                    bump(acct, &pool, |c| &c.evictions);
                     freed += self.charge_of(n);
                 }
             }
@@ -495,14 +496,14 @@ impl Store {
             }
             inner.get(key)
         };
-        Counters::bump(&caller.counters.gets);
+        bump(caller, pool, |c| &c.gets);
         match got {
             Some(v) => {
-                Counters::bump(&caller.counters.hits);
+                bump(caller, pool, |c| &c.hits);
                 Ok(v)
             }
             None => {
-                Counters::bump(&caller.counters.misses);
+                bump(caller, pool, |c| &c.misses);
                 Err(Status::Miss)
             }
         }
@@ -600,6 +601,17 @@ impl Store {
         }
         stale
     }
+}
+
+/// Bumps one counter of `who` and the same counter of `pool`.
+fn bump(who: &Identity, pool: &Pool, which: fn(&Counters) -> &AtomicU64) {
+    Counters::bump(which(&who.counters));
+    Counters::bump(which(&pool.counters));
+}
+
+fn refuse_no_space(who: &Identity, pool: &Pool) {
+    bump(who, pool, |c| &c.refusals);
+    bump(who, pool, |c| &c.no_space);
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

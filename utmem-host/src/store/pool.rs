@@ -7,7 +7,7 @@ use bytes::Bytes;
 use utmem_proto::{Key, ObjectId, PoolKind};
 
 use super::eviction::{EvictionPolicy, Lru};
-use super::identity::Identity;
+use super::identity::{Counters, Identity};
 use super::lock;
 
 /// A pool of values; all its bytes are charged to one account.
@@ -17,6 +17,8 @@ pub struct Pool {
     pub(crate) ephemeral: bool,
     /// The identity charged for this pool's bytes (for a shared pool, its own account).
     pub(crate) account: Arc<Identity>,
+    /// What was done to this pool, by whichever identity (all grantees of a shared pool).
+    pub(crate) counters: Counters,
     inner: Mutex<PoolInner>,
 }
 
@@ -110,6 +112,7 @@ impl Pool {
             kind,
             ephemeral,
             account,
+            counters: Counters::default(),
             inner: Mutex::new(inner),
         }
     }

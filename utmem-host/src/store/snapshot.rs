@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use serde::{Deserialize, Serialize};
 use utmem_proto::PoolKind;
 
+use super::identity::Counters;
 use super::{read, Store};
 
 /// The whole host.
@@ -50,6 +51,15 @@ pub struct IdentitySnapshot {
     pub evictions: u64,
     /// PUTs refused.
     pub refusals: u64,
+    /// PUTs refused with NO_SPACE (the rest of `refusals` were TOO_LARGE).
+    #[serde(default)]
+    pub no_space: u64,
+    /// Bytes of its value arena (0 until a local client maps it).
+    #[serde(default)]
+    pub arena_size: u64,
+    /// Bytes of its arena held by values and their headers (or parked).
+    #[serde(default)]
+    pub arena_used: u64,
     /// Pools it has open.
     pub pools: Vec<PoolSnapshot>,
 }
@@ -69,6 +79,43 @@ pub struct PoolSnapshot {
     pub values: u64,
     /// Bytes it holds.
     pub bytes: u64,
+    /// What was done to the pool by every identity that has it open.
+    #[serde(default)]
+    pub counters: PoolCounters,
+}
+
+/// A pool's counters; all monotonic while the pool lives.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PoolCounters {
+    /// PUTs stored.
+    pub puts: u64,
+    /// GETs.
+    pub gets: u64,
+    /// GET hits.
+    pub hits: u64,
+    /// GET misses.
+    pub misses: u64,
+    /// Values evicted.
+    pub evictions: u64,
+    /// PUTs refused with NO_SPACE.
+    pub no_space: u64,
+    /// PUTs refused with TOO_LARGE.
+    pub too_large: u64,
+}
+
+impl PoolCounters {
+    fn of(c: &Counters) -> Self {
+        let no_space = c.no_space.load(Relaxed);
+        PoolCounters {
+            puts: c.puts.load(Relaxed),
+            gets: c.gets.load(Relaxed),
+            hits: c.hits.load(Relaxed),
+            misses: c.misses.load(Relaxed),
+            evictions: c.evictions.load(Relaxed),
+            no_space,
+            too_large: c.refusals.load(Relaxed).saturating_sub(no_space),
+        }
+    }
 }
 
 impl Store {
@@ -78,6 +125,10 @@ impl Store {
             .values()
             .map(|i| {
                 let c = &i.counters;
+                let arena = super::lock(&i.arena).clone();
+                let (arena_size, arena_used) = arena.map_or((0, 0), |a| {
+                    (a.len(), a.len().saturating_sub(a.free_bytes()))
+                });
                 let pools = i
                     .open_pools()
                     .into_iter()
@@ -94,6 +145,7 @@ impl Store {
                             ephemeral: p.is_ephemeral(),
                             values,
                             bytes,
+                            counters: PoolCounters::of(&p.counters),
                         }
                     })
                     .collect();
@@ -110,6 +162,9 @@ impl Store {
                     misses: c.misses.load(Relaxed),
                     evictions: c.evictions.load(Relaxed),
                     refusals: c.refusals.load(Relaxed),
+                    no_space: c.no_space.load(Relaxed),
+                    arena_size,
+                    arena_used,
                     pools,
                 }
             })
