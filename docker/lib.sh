@@ -88,15 +88,25 @@ base_image() {
     rm -rf "$rootfs" "$rootfs.log"
 }
 
-# Builds the release binaries here and the images utmem/hostd and utmem/redis from them.
+# Builds the binaries here (release; UTMEM_PROFILE=debug for a debug build, as CI does
+# to share scripts/test's build) and the images utmem/hostd and utmem/redis from them.
 build_images() {
-    local target=${CARGO_TARGET_DIR:-target} ctx image
-    say "cargo build --release (utmem-hostd, utmem, libredis_utmem.so)"
-    cargo build --release --locked -p utmem-host -p utmem-client -p redis-utmem
+    local profile=${UTMEM_PROFILE:-release} ctx image bin
+    local target=${CARGO_TARGET_DIR:-target}/$profile flags=(--locked)
+    [ "$profile" = debug ] || flags+=(--profile "$profile")
+    say "cargo build ${flags[*]} (utmem-hostd, utmem, libredis_utmem.so)"
+    cargo build "${flags[@]}" -p utmem-host -p utmem-client -p redis-utmem
     base_image
     ctx=$(mktemp -d /tmp/utmem-docker-ctx.XXXXXX)
-    cp "$target/release/utmem-hostd" "$target/release/utmem" "$target/release/libredis_utmem.so" \
-        docker/hostd.Dockerfile docker/redis.Dockerfile docker/utmem-hostd.toml "$ctx/"
+    cp docker/hostd.Dockerfile docker/redis.Dockerfile docker/utmem-hostd.toml "$ctx/"
+    # Builds carry debug info (release keeps some for perf); images need none.
+    for bin in utmem-hostd utmem libredis_utmem.so; do
+        if command -v strip >/dev/null; then
+            strip --strip-debug -o "$ctx/$bin" "$target/$bin"
+        else
+            cp "$target/$bin" "$ctx/$bin"
+        fi
+    done
     for image in hostd redis; do
         say "docker build utmem/$image"
         if ! docker build --network host -q -t "utmem/$image:latest" -f "$ctx/$image.Dockerfile" "$ctx" >"$ctx/build.log" 2>&1; then

@@ -3,14 +3,17 @@
 # where systemd-analyze is missing), then the unit's own ExecStart command line run for
 # real with the example /etc/utmem/utmem-hostd.toml (paths moved to a temp folder): it
 # must start, answer `stats` on its admin socket, and remove its sockets on SIGTERM.
-# Needs the release utmem-hostd (cargo build --release -p utmem-host).
+# Builds utmem-hostd (release; UTMEM_PROFILE=debug for a debug build, as CI does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 say() { echo "packaging: $*" >&2; }
 UNIT=packaging/systemd/utmem-hostd.service
 CONFIG=packaging/etc/utmem/utmem-hostd.toml
-HOSTD=$(realpath "${CARGO_TARGET_DIR:-target}/release/utmem-hostd")
-[ -x "$HOSTD" ] || { say "$HOSTD is missing: cargo build --release -p utmem-host"; exit 1; }
+PROFILE=${UTMEM_PROFILE:-release}
+flags=(--locked)
+[ "$PROFILE" = debug ] || flags+=(--profile "$PROFILE")
+cargo build "${flags[@]}" -p utmem-host
+HOSTD=$(realpath "${CARGO_TARGET_DIR:-target}/$PROFILE/utmem-hostd")
 work=$(mktemp -d /tmp/utmem-packaging.XXXXXX)
 pid=""
 cleanup() {
