@@ -33,8 +33,8 @@ docker_start() {
     say "starting dockerd (log: $DOCKERD_LOG)"
     dockerd --storage-driver=overlay2 >"$DOCKERD_LOG" 2>&1 &
     DOCKERD_PID=$!
-    local i
-    for i in $(seq 150); do
+    local _
+    for _ in $(seq 150); do
         docker info >/dev/null 2>&1 && return
         kill -0 "$DOCKERD_PID" 2>/dev/null || break
         sleep 0.2
@@ -48,8 +48,8 @@ docker_stop() {
     [ -n "$DOCKERD_PID" ] || return 0
     say "stopping the dockerd started here (pid $DOCKERD_PID)"
     kill "$DOCKERD_PID" 2>/dev/null || true
-    local i
-    for i in $(seq 100); do
+    local _
+    for _ in $(seq 100); do
         kill -0 "$DOCKERD_PID" 2>/dev/null || break
         sleep 0.2
     done

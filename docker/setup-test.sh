@@ -15,8 +15,10 @@ start=$SECONDS
 
 RUSTUP_DIR=${RUSTUP_HOME:-$HOME/.rustup}
 CARGO_DIR=${CARGO_HOME:-$HOME/.cargo}
-[ -x "$CARGO_DIR/bin/cargo" ] && [ -d "$RUSTUP_DIR/toolchains" ] ||
-    { say "no rustup toolchain in $RUSTUP_DIR and $CARGO_DIR"; exit 1; }
+if [ ! -x "$CARGO_DIR/bin/cargo" ] || [ ! -d "$RUSTUP_DIR/toolchains" ]; then
+    say "no rustup toolchain in $RUSTUP_DIR and $CARGO_DIR"
+    exit 1
+fi
 mounts=(-v "$PWD:/src:ro" -v "$RUSTUP_DIR:/opt/rustup:ro" -v "$CARGO_DIR/bin:/opt/cargo/bin:ro")
 [ ! -d "$CARGO_DIR/registry" ] || mounts+=(-v "$CARGO_DIR/registry:/opt/cargo-host/registry:ro")
 # This machine's own TLS trust and pip settings (a site CA for the registries, say): the
@@ -32,6 +34,7 @@ base_image
 
 # Inside: the toolchain is found through PATH as after `rustup` with its defaults; a
 # writable CARGO_HOME starts from a copy of the host's crate cache (saves the downloads).
+# shellcheck disable=SC2016 # expanded inside the container
 inside='set -euo pipefail
 [ ! -d /opt/cargo-host/registry ] || cp -a /opt/cargo-host/registry /opt/cargo/
 cd /src
@@ -47,5 +50,6 @@ docker run --rm --network host "${mounts[@]}" \
     -e RUSTUP_HOME=/opt/rustup -e CARGO_HOME=/opt/cargo -e CARGO_TARGET_DIR=/build/target \
     -e PATH=/opt/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     -e CARGO_TERM_COLOR=never \
-    "$BASE_IMAGE" bash -c "$inside"
+    "$BASE_IMAGE" bash -c "$inside" ||
+    { say "FAILED: scripts/setup left something out, or the build failed (see above)"; exit 1; }
 say "passed in $((SECONDS - start)) s"

@@ -31,6 +31,14 @@ cleanup() {
         fi
         say "removing the stack (containers, network, volumes)"
         compose down -v --remove-orphans --timeout 5 >/dev/null 2>&1 || true
+        local left
+        left=$( (docker ps -aq --filter "label=com.docker.compose.project=$PROJECT"
+            docker volume ls -q --filter "label=com.docker.compose.project=$PROJECT"
+            docker network ls -q --filter "label=com.docker.compose.project=$PROJECT") 2>&1)
+        if [ -n "$left" ]; then
+            say "FAILED: left behind by docker-compose down: $left"
+            [ $rc -ne 0 ] || rc=1
+        fi
     fi
     docker_stop
     rm -rf "$WORK"

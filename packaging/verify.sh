@@ -12,7 +12,8 @@ CONFIG=packaging/etc/utmem/utmem-hostd.toml
 PROFILE=${UTMEM_PROFILE:-release}
 flags=(--locked)
 [ "$PROFILE" = debug ] || flags+=(--profile "$PROFILE")
-cargo build "${flags[@]}" -p utmem-host
+# The same packages as docker/lib.sh builds (same features): in CI, nothing to rebuild.
+cargo build "${flags[@]}" -p utmem-host -p utmem-client -p redis-utmem
 HOSTD=$(realpath "${CARGO_TARGET_DIR:-target}/$PROFILE/utmem-hostd")
 work=$(mktemp -d /tmp/utmem-packaging.XXXXXX)
 pid=""
@@ -44,12 +45,16 @@ read -r -a argv <<<"$exec_line"
 pid=$!
 ok=""
 for _ in $(seq 100); do
-    if "$HOSTD" stats --admin "$work/run/utmem/admin.sock" >/dev/null 2>&1; then ok=1; break; fi
+    # The admin socket comes up first, the listeners right after it.
+    if [ -S "$work/run/utmem/utmem.sock" ] &&
+        "$HOSTD" stats --admin "$work/run/utmem/admin.sock" >/dev/null 2>&1; then
+        ok=1
+        break
+    fi
     kill -0 "$pid" 2>/dev/null || break
     sleep 0.1
 done
 [ -n "$ok" ] || { cat "$work/hostd.log" >&2; say "FAILED: utmem-hostd did not start with $CONFIG"; exit 1; }
-[ -S "$work/run/utmem/utmem.sock" ] || { say "FAILED: no socket $work/run/utmem/utmem.sock"; exit 1; }
 mode=$(stat -c %a "$work/run/utmem/utmem.sock")
 [ "$mode" = 770 ] || { say "FAILED: socket mode $mode under UMask=0007, expected 770"; exit 1; }
 kill -TERM "$pid"
