@@ -200,17 +200,24 @@ fn parse_set_opts(args: &[RedisString], now: i64) -> Result<SetOpts, RedisError>
 
 /// How a value was stored.
 enum Stored {
-    /// As a plain string; `true` if a SET run for it fired the `set` event already.
-    Inline(bool),
-    /// As a utmem value whose PUT the caller submits.
-    Remote(Arc<Slot>),
+    /// As a plain string, in place: the key is still open.
+    Inline(Key),
+    /// As a plain string by a SET run for it (which fired `set` and signalled the key).
+    BySet,
+    /// As a utmem value whose PUT the caller submits; the key is still open.
+    Remote(Key, Arc<Slot>),
 }
 
 /// Stores `value` under `name` the way SET does: inline below the threshold, else as a
 /// pending utmem value. A key that exists is overwritten in place where the module
 /// API allows it (no `new` event, like SET); the TTL is cleared unless `keep_ttl`.
-fn store(ctx: &Context, name: &RedisString, value: &RedisString, keep_ttl: bool) -> Stored {
-    let key = Key::open(ctx, name);
+fn store(
+    ctx: &Context,
+    key: Key,
+    name: &RedisString,
+    value: &RedisString,
+    keep_ttl: bool,
+) -> Stored {
     let kind = key.kind();
     if value.len() < config::threshold() {
         Stats::bump(&crate::stats().inline_sets);
@@ -226,7 +233,7 @@ fn store(ctx: &Context, name: &RedisString, value: &RedisString, keep_ttl: bool)
             if !keep_ttl && kind != KeyKind::Empty {
                 key.set_ttl_ms(None);
             }
-            return Stored::Inline(false);
+            return Stored::Inline(key);
         }
         // Another type becomes a string: only SET itself replaces a key without
         // deleting it first (and fires `set` itself).
@@ -237,7 +244,7 @@ fn store(ctx: &Context, name: &RedisString, value: &RedisString, keep_ttl: bool)
             args.push(&keep);
         }
         let _ = ctx.call("SET", &args[..]);
-        return Stored::Inline(true);
+        return Stored::BySet;
     }
     // No copy: the PUT is written from Redis's own argument string.
     let held = Bytes::from_owner(crate::raw::HeldArg::hold(value));
@@ -252,7 +259,7 @@ fn store(ctx: &Context, name: &RedisString, value: &RedisString, keep_ttl: bool)
     } else if !keep_ttl {
         key.set_ttl_ms(None);
     }
-    Stored::Remote(slot)
+    Stored::Remote(key, slot)
 }
 
 /// Whether this SET must be answered before the host has the value: a client with
@@ -304,7 +311,6 @@ pub fn set(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     } else {
         None
     };
-    drop(key);
     let exists = kind != KeyKind::Empty;
     if (o.nx && exists) || (o.xx && !exists) {
         return reply_one(ctx, old.unwrap_or(Have::Missing));
@@ -313,6 +319,7 @@ pub fn set(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         // Expired already: the server's own SET does what it does with that (Redis 7.0
         // sets the key and it expires on its next access; later servers delete it).
         // Nothing goes to the host.
+        drop(key);
         let at = RedisString::create(None, at.to_string());
         let pxat = RedisString::create(None, "PXAT");
         let _ = ctx.call("SET", &[name, value, &pxat, &at][..]);
@@ -320,13 +327,17 @@ pub fn set(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         return reply_one(ctx, old.unwrap_or(Have::Value(Val::Ok)));
     }
     check_host_for(ctx, value.len())?;
-    let stored = store(ctx, name, value, o.keepttl);
+    let (key, slot) = match store(ctx, key, name, value, o.keepttl) {
+        Stored::Inline(key) => (Some(key), None),
+        Stored::BySet => (None, None),
+        Stored::Remote(key, slot) => (Some(key), Some(slot)),
+    };
     // SET's order: `set`, then `expire`; a SET run for us signalled and fired `set`.
-    let by_set = matches!(stored, Stored::Inline(true));
+    let by_set = key.is_none();
     if !by_set {
         ctx.notify_keyspace_event(NotifyEvent::STRING, "set", name);
     }
-    let key = Key::open(ctx, name);
+    let key = key.unwrap_or_else(|| Key::open(ctx, name));
     let mut repl: Vec<RedisString> = vec![name.clone(), value.clone()];
     if let Some(at) = o.at_ms {
         key.set_abs_expire_ms(at);
@@ -346,14 +357,14 @@ pub fn set(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         Some(h) => part(h),
         None => (Some(Val::Ok), None),
     };
-    let slot = match stored {
-        Stored::Remote(slot) if must_ack_now(ctx) => {
+    let slot = match slot {
+        Some(slot) if must_ack_now(ctx) => {
             io::send(Job::Put { slot, done: None });
             None
         }
         // Write-back (`set-ack local`): the PUT goes on without anyone waiting for it.
-        Stored::Remote(slot) => put_unless_acked_locally(slot),
-        Stored::Inline(_) => None,
+        Some(slot) => put_unless_acked_locally(slot),
+        None => None,
     };
     let parts = vec![p0, if slot.is_some() { None } else { Some(Val::Ok) }];
     // The reply is part 0 (OK, or the old value for GET) unless the PUT failed the SET.
@@ -432,20 +443,23 @@ pub fn mset(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let now = must_ack_now(ctx);
     let mut slots = Vec::new();
     for (name, value) in &pairs {
-        let stored = store(ctx, name, value, false);
-        let by_set = matches!(stored, Stored::Inline(true));
-        match stored {
-            Stored::Remote(s) if now => io::send(Job::Put {
-                slot: s,
-                done: None,
-            }),
-            Stored::Remote(s) => slots.extend(put_unless_acked_locally(s)),
-            Stored::Inline(_) => {}
-        }
-        if !by_set {
-            ctx.notify_keyspace_event(NotifyEvent::STRING, "set", name);
-            Key::open(ctx, name).signal_modified(name);
-        }
+        let key = match store(ctx, Key::open(ctx, name), name, value, false) {
+            Stored::BySet => continue,
+            Stored::Inline(key) => key,
+            Stored::Remote(key, s) => {
+                if now {
+                    io::send(Job::Put {
+                        slot: s,
+                        done: None,
+                    });
+                } else {
+                    slots.extend(put_unless_acked_locally(s));
+                }
+                key
+            }
+        };
+        ctx.notify_keyspace_event(NotifyEvent::STRING, "set", name);
+        key.signal_modified(name);
     }
     ctx.replicate_verbatim();
     let parts = vec![None; slots.len()];
