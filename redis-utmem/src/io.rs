@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use utmem_client::proto::{Key, Status};
+use utmem_client::proto::{Key, Placement, Status};
 use utmem_client::{Client, ClientError, Completion, Options, Pool, Request, Response};
 
 use crate::raw::Val;
@@ -254,7 +254,7 @@ pub fn fetch_sync(slot: &Slot) -> Result<Bytes, FetchError> {
         Read::Here(b) => Ok(b),
         Read::Lost => Err(FetchError::Lost),
         Read::Remote(crc) => {
-            if let Some(b) = with_mapped(slot, usize::MAX, Bytes::copy_from_slice) {
+            if let Some(b) = read_mapped(slot, usize::MAX) {
                 return Ok(b);
             }
             if clock_ms() < SYNC_DOWN_UNTIL.load(Relaxed) {
@@ -289,38 +289,35 @@ pub fn fetch_sync(slot: &Slot) -> Result<Bytes, FetchError> {
     }
 }
 
-/// Runs `f` on the bytes of `slot` read from the host's mapped arena (no round trip);
-/// `None` if the value is not in the arena, is longer than `max`, was not there any more
-/// (counted), or this is a fork child (which must not touch the parent's client). The
-/// arena is memory the host may change, so the bytes are copied into a buffer of this
-/// thread and their stamp checked after the copy before `f` sees them: a reply made
-/// from them is never one of bytes that changed.
-pub fn with_mapped<R>(slot: &Slot, max: usize, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
-    thread_local! {
-        static MAPPED_COPY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
+/// Where `slot` sits in the mapped arena and the client that maps it, if it is to be
+/// read from there: placed, at most `max` bytes, and this is not a fork child (which
+/// must not touch the parent's client).
+fn mapped_at(slot: &Slot, max: usize) -> Option<(Placement, &'static Client)> {
     if max == 0 || slot.len > max || !in_parent() {
         return None;
     }
-    let at = slot.placement()?;
+    Some((slot.placement()?, &shared()?.client))
+}
+
+fn count_mapped(hit: bool) {
     let stats = crate::stats();
-    let client = &shared()?.client;
-    let r = MAPPED_COPY.with_borrow_mut(|buf| {
-        let r = client
-            .read_mapped(at, slot.len, buf)
-            .then(|| f(&buf[..slot.len]));
-        // Keep a reply-sized buffer, not the largest value a save ever read.
-        if buf.capacity() > 1 << 20 {
-            *buf = Vec::new();
-        }
-        r
-    });
-    Stats::bump(if r.is_some() {
+    Stats::bump(if hit {
         &stats.mapped_reads
     } else {
         &stats.mapped_fallbacks
     });
-    r
+}
+
+/// A copy of `slot`'s bytes from the host's mapped arena (no round trip); `None` if the
+/// value is not to be read from there (see [`mapped_at`]) or was not there any more
+/// (counted). The copy is volatile and its stamp checked after it, so these are never
+/// bytes that changed while they were read.
+pub fn read_mapped(slot: &Slot, max: usize) -> Option<Bytes> {
+    let (at, client) = mapped_at(slot, max)?;
+    let mut buf = Vec::new();
+    let hit = client.read_mapped(at, slot.len, &mut buf);
+    count_mapped(hit);
+    hit.then(|| Bytes::from(buf))
 }
 
 /// Replies to the command of `ctx` with `slot`'s bytes straight from the mapped arena:
@@ -332,26 +329,18 @@ pub fn with_mapped<R>(slot: &Slot, max: usize, f: impl FnOnce(&[u8]) -> R) -> Op
 /// the reply is the value as it was when the read began, which is where this read
 /// takes effect.
 pub fn reply_mapped(ctx: &redis_module::Context, slot: &Slot, max: usize) -> bool {
-    if max == 0 || slot.len > max || !in_parent() {
-        return false;
-    }
-    let Some(at) = slot.placement() else {
+    let Some((at, client)) = mapped_at(slot, max) else {
         return false;
     };
-    let Some(s) = shared() else { return false };
     let len = slot.len;
     let mut replied = false;
-    let _ = s.client.with_mapped(at, len, |vs| {
+    let _ = client.with_mapped(at, len, |vs| {
         let guard = vs.ptr_guard();
         // SAFETY: the guard keeps the volatile slice's `len` bytes mapped until it drops.
         unsafe { crate::raw::write_reply_from(ctx, guard.as_ptr(), len.min(vs.len())) };
         replied = true;
     });
-    Stats::bump(if replied {
-        &crate::stats().mapped_reads
-    } else {
-        &crate::stats().mapped_fallbacks
-    });
+    count_mapped(replied);
     replied
 }
 

@@ -43,19 +43,6 @@ pub fn error_text(e: &str) -> String {
         .collect()
 }
 
-/// Replies on a command's context with a bulk string copied from `b`.
-pub fn write_reply_bytes(ctx: &Context, b: &[u8]) {
-    // SAFETY: `ctx` is the live context of the running command; the reply function
-    // copies the buffer before returning.
-    unsafe {
-        raw::RedisModule_ReplyWithStringBuffer.expect("api")(
-            ctx.ctx,
-            b.as_ptr().cast::<c_char>(),
-            b.len(),
-        );
-    }
-}
-
 /// Replies on a command's context with a bulk string Redis copies from `len` bytes at
 /// `p` (memory another process may write: no Rust reference to it is made).
 ///

@@ -186,7 +186,7 @@ impl Slot {
     /// Like [`Slot::read`], but a remote value of at most `mapped_max` bytes that
     /// sits in the mapped arena is copied from there (no round trip).
     pub fn read_near(&self, mapped_max: usize) -> Read {
-        match crate::io::with_mapped(self, mapped_max, Bytes::copy_from_slice) {
+        match crate::io::read_mapped(self, mapped_max) {
             Some(b) => Read::Here(b),
             None => self.read(),
         }

@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use utmem_testkit::{pattern, Daemon, Redis};
+use utmem_testkit::{config_set, pattern, Daemon, Redis};
 
 /// The last acknowledged version of a key and when its SET replied.
 type LastAck = Option<(u64, Instant)>;
@@ -177,12 +177,7 @@ fn redis_answers_others_while_the_host_is_stopped() {
             >= 1
     );
     // Over the socket, reads wait for the host and then fail; others are served meanwhile.
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("utmem.mapped-read-max")
-        .arg("0")
-        .query(&mut c)
-        .expect("config set");
+    config_set(&mut c, "utmem.mapped-read-max", "0");
     let waiters: Vec<_> = (0..4)
         .map(|_| {
             let mut c = r.conn();
@@ -390,12 +385,7 @@ fn info_counts_values_and_lost_ones() {
     let uid = nix::unistd::getuid().as_raw();
     let (ok, _, err) = d.admin_cmd(&["drop-identity", &format!("uid:{uid}")]);
     assert!(ok, "drop-identity: {err}");
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("utmem.mapped-read-max")
-        .arg("0")
-        .query(&mut c)
-        .unwrap();
+    config_set(&mut c, "utmem.mapped-read-max", "0");
     for k in 0..3 {
         let e = redis::cmd("UTMEM.GET")
             .arg(format!("k{k}"))
@@ -454,12 +444,7 @@ fn copy_while_the_host_is_stopped_loses_nothing() {
     // The COPY times out on the host's side of things.
     thread::sleep(Duration::from_millis(1200));
     d.signal(Signal::SIGCONT);
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("utmem.mapped-read-max")
-        .arg("0")
-        .query(&mut c)
-        .unwrap();
+    config_set(&mut c, "utmem.mapped-read-max", "0");
     let t0 = Instant::now();
     loop {
         match redis::cmd("UTMEM.GET").arg("dst").query::<Vec<u8>>(&mut c) {
@@ -506,12 +491,7 @@ fn timeout_ms_changes_at_run_time() {
     let mut c = r.conn();
     assert_eq!(utmem_set(&mut c, "k", &pattern(5, 5000)).unwrap(), "OK");
     d.signal(Signal::SIGSTOP);
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("utmem.timeout-ms")
-        .arg("2500")
-        .query(&mut c)
-        .unwrap();
+    config_set(&mut c, "utmem.timeout-ms", "2500");
     let t0 = Instant::now();
     let e = redis::cmd("UTMEM.GET")
         .arg("k")

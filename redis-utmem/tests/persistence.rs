@@ -263,12 +263,7 @@ fn bgsave_status(r: &Redis, c: &mut Connection) -> (String, Duration) {
 }
 
 fn mapped_reads_off(c: &mut Connection) {
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("utmem.mapped-read-max")
-        .arg("0")
-        .query(c)
-        .expect("config set");
+    utmem_testkit::config_set(c, "utmem.mapped-read-max", "0");
 }
 
 /// The host restarted without this Redis's values: what it answers MISS for is lost,

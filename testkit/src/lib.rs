@@ -580,6 +580,16 @@ impl Daemon {
     }
 }
 
+/// `CONFIG SET name value` on a connection (panics on refusal).
+pub fn config_set(c: &mut redis::Connection, name: &str, value: &str) {
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg(name)
+        .arg(value)
+        .query::<()>(c)
+        .unwrap_or_else(|e| panic!("CONFIG SET {name} {value}: {e}"));
+}
+
 /// A value of `len` bytes that encodes `(seed)` in every 8 bytes, so mix-ups show.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut v = Vec::with_capacity(len + 8);
