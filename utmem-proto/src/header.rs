@@ -75,7 +75,8 @@ impl Limits {
             | Op::FlushObject
             | Op::Stats
             | Op::Ping
-            | Op::Map => 0,
+            | Op::Map
+            | Op::Channel => 0,
         }
     }
 
@@ -86,6 +87,7 @@ impl Limits {
             Op::Hello | Op::NewPool | Op::Stats => MAX_CONTROL_PAYLOAD,
             Op::Put => crate::payload::Placement::LEN as u64,
             Op::Map => crate::payload::MapReply::LEN as u64,
+            Op::Channel => crate::payload::ChannelReply::LEN as u64,
             Op::DestroyPool | Op::Flush | Op::FlushObject | Op::Copy | Op::Ping => 0,
         }
     }

@@ -11,6 +11,7 @@
 //! ([`payload`]) and streaming decoders that check every length against the
 //! negotiated [`Limits`] before anything is allocated ([`codec`]).
 
+pub mod channel;
 pub mod codec;
 pub mod error;
 pub mod header;
@@ -27,8 +28,8 @@ pub use header::{
 };
 pub use op::{Op, Status};
 pub use payload::{
-    CopyTarget, HelloReply, HelloRequest, IdentityStats, MapReply, NewPool, Placement, PoolKind,
-    ARENA_ALIGN, ARENA_HEADER_LEN, CAP_COPY, CAP_EPHEMERAL, CAP_MAP, CAP_SHARED, POOL_EPHEMERAL,
+    ChannelReply, CopyTarget, HelloReply, HelloRequest, IdentityStats, MapReply, NewPool, Placement, PoolKind,
+    ARENA_ALIGN, ARENA_HEADER_LEN, CAP_CHANNEL, CAP_COPY, CAP_EPHEMERAL, CAP_MAP, CAP_SHARED, POOL_EPHEMERAL,
     POOL_SHARED,
 };
 pub use queue::OutQueue;

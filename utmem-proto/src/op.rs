@@ -31,11 +31,15 @@ pub enum Op {
     /// connection's reader word (a one-page memfd, mapped read-write; see
     /// [`crate::Placement`]).
     Map = 11,
+    /// Open a shared-memory channel (local Unix sockets only): the reply carries a
+    /// [`crate::ChannelReply`] and, as SCM_RIGHTS, the region's memfd, the *submit*
+    /// eventfd and the *complete* eventfd (see [`crate::channel`]).
+    Channel = 12,
 }
 
 impl Op {
     /// Every op, in wire order.
-    pub const ALL: [Op; 11] = [
+    pub const ALL: [Op; 12] = [
         Op::Hello,
         Op::NewPool,
         Op::DestroyPool,
@@ -47,6 +51,7 @@ impl Op {
         Op::Stats,
         Op::Ping,
         Op::Map,
+        Op::Channel,
     ];
 }
 

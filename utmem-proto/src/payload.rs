@@ -14,6 +14,8 @@ pub const CAP_EPHEMERAL: u64 = 1 << 2;
 /// Capability: this connection may MAP the identity's value arena (a local Unix
 /// socket that can pass file descriptors).
 pub const CAP_MAP: u64 = 1 << 3;
+/// Capability: this connection may open shared-memory channels (CHANNEL).
+pub const CAP_CHANNEL: u64 = 1 << 4;
 
 /// Bytes before each value in the arena: its stamp (u64, written last, cleared
 /// first) and its length (u64).
@@ -292,6 +294,32 @@ impl MapReply {
             return Err(bad("MAP reply", "length is not 8"));
         }
         Ok(MapReply { len: u64_at(b, 0) })
+    }
+}
+
+/// CHANNEL reply payload (8 bytes): the region's length; its memfd, the *submit*
+/// eventfd and the *complete* eventfd come as SCM_RIGHTS, in that order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelReply {
+    /// Bytes to map.
+    pub len: u64,
+}
+
+impl ChannelReply {
+    /// Wire size.
+    pub const LEN: usize = 8;
+
+    /// Wire bytes.
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        self.len.to_le_bytes()
+    }
+
+    /// Parses the payload.
+    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
+        if b.len() != Self::LEN {
+            return Err(bad("CHANNEL reply", "length is not 8"));
+        }
+        Ok(ChannelReply { len: u64_at(b, 0) })
     }
 }
 
