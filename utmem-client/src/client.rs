@@ -30,12 +30,13 @@ use arc_swap::ArcSwapOption;
 use bytes::{Buf, Bytes, BytesMut};
 use utmem_proto::{
     CopyTarget, HelloReply, HelloRequest, IdentityStats, Key, Limits, NewPool, ObjectId, Op,
-    OutQueue, Placement, PoolId, PoolKind, ReplyHeader, RequestHeader, RequestId, Status, CAP_COPY,
-    CAP_MAP, REPLY_HEADER_LEN, REQUEST_HEADER_LEN, VERSION,
+    OutQueue, Placement, PoolId, PoolKind, ReplyHeader, RequestHeader, RequestId, Status,
+    CAP_CHANNEL, CAP_COPY, CAP_MAP, REPLY_HEADER_LEN, REQUEST_HEADER_LEN, VERSION,
 };
 use utmem_sys as sys;
 use vm_memory::VolatileSlice;
 
+use crate::channel::Channel;
 use crate::error::ClientError;
 use crate::mapped::Mapped;
 use crate::request::{Pool, Request, Response};
@@ -61,6 +62,9 @@ pub struct Options {
     /// socket): PUTs then answer [`Response::Placed`] and [`Client::read_mapped`]
     /// reads values without a round trip.
     pub map: bool,
+    /// Open a shared-memory channel too when the host offers one (a local Unix socket
+    /// with the arena mapped): [`Client::channel`] then hands it out.
+    pub channel: bool,
 }
 
 impl Default for Options {
@@ -70,6 +74,7 @@ impl Default for Options {
             min_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_secs(1),
             map: false,
+            channel: false,
         }
     }
 }
@@ -130,6 +135,8 @@ struct Live {
     limits: Limits,
     /// The arena mapping of this connection (goes with it).
     mapped: Option<Mapped>,
+    /// Its shared-memory channel (ends with it).
+    channel: Option<Arc<Channel>>,
 }
 
 #[derive(Default)]
@@ -297,6 +304,24 @@ impl Client {
     ) -> Option<R> {
         let live = self.inner().live.load();
         live.as_ref()?.mapped.as_ref()?.with_value(p, len, f)
+    }
+
+    /// The live connection's shared-memory channel and the connection's generation
+    /// (a new connection brings a new channel; the old one's requests then have no
+    /// answer coming). Never waits.
+    pub fn channel(&self) -> Option<(Arc<Channel>, u64)> {
+        let live = self.handle.0.live.load();
+        let l = live.as_ref()?;
+        Some((Arc::clone(l.channel.as_ref()?), l.gen))
+    }
+
+    /// The host's id of `pool` on the live connection (for channel requests), if open.
+    pub fn pool_id(&self, pool: Pool) -> Option<PoolId> {
+        let st = self.handle.0.lock();
+        match st.pools.get(pool.0)?.state {
+            PoolState::Open(id) => Some(id),
+            _ => None,
+        }
     }
 
     /// Whether values can be read from a mapped arena right now. Never waits.
@@ -565,6 +590,7 @@ struct Handshake {
     limits: Limits,
     hello: HelloReply,
     mapped: Option<Mapped>,
+    channel: Option<Channel>,
     /// Slot index → the host's id (`None`: refused on this connection).
     pools: Vec<(usize, Option<PoolId>)>,
     /// Slots below this index were looked at.
@@ -728,12 +754,29 @@ impl Inner {
             }
             _ => None,
         };
+        let channel = match &stream {
+            Stream::Unix(s)
+                if self.opts.channel
+                    && mapped.is_some()
+                    && hello.capabilities & CAP_CHANNEL != 0 =>
+            {
+                match Channel::open(s, &limits) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        tracing::warn!("requests will go over the socket: {e}");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         // (The reader thread sets its own receive timeout.)
         let mut h = Handshake {
             stream,
             limits,
             hello,
             mapped,
+            channel,
             pools: Vec::new(),
             seen: 0,
         };
@@ -828,6 +871,7 @@ impl Inner {
             stream: Arc::new(h.stream),
             limits: h.limits,
             mapped: h.mapped,
+            channel: h.channel.map(Arc::new),
         });
         self.hello.store(Some(Arc::new(h.hello)));
         self.live.store(Some(Arc::clone(&live)));

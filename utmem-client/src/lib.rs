@@ -10,6 +10,7 @@
 //! [`bytes::Bytes`]: a PUT is written from the caller's buffer, a GET hands back
 //! the buffer the socket was read into.
 
+pub mod channel;
 pub mod client;
 pub mod error;
 pub mod mapped;
@@ -17,6 +18,7 @@ pub mod request;
 pub mod spec;
 pub mod transport;
 
+pub use channel::Channel;
 pub use client::{Client, Completion, Options};
 pub use error::ClientError;
 pub use mapped::{MapError, Mapped};

@@ -345,7 +345,9 @@ impl Geometry {
             ));
         }
         if self.cq_entries < self.sq_entries {
-            return Err(LayoutError::Header("completion ring smaller than submission ring"));
+            return Err(LayoutError::Header(
+                "completion ring smaller than submission ring",
+            ));
         }
         if self.staging_len == 0 || self.staging_len > Self::MAX_STAGING {
             return Err(LayoutError::Header("staging length is 0 or over 1 GiB"));
@@ -365,7 +367,10 @@ impl Geometry {
 
     /// Offset of staging (page-aligned).
     pub const fn staging_off(&self) -> u64 {
-        align_up(self.cq_off() + self.cq_entries as u64 * CQE_LEN as u64, 4096)
+        align_up(
+            self.cq_off() + self.cq_entries as u64 * CQE_LEN as u64,
+            4096,
+        )
     }
 
     /// Bytes of the whole region (page-aligned).
@@ -449,6 +454,11 @@ impl ChannelMem {
         Ok(geo)
     }
 
+    /// The whole region as volatile memory.
+    pub fn volatile(&self) -> VolatileSlice<'_> {
+        self.map.as_volatile_slice()
+    }
+
     /// The geometry.
     pub fn geometry(&self) -> Geometry {
         self.geo
@@ -483,22 +493,46 @@ impl ChannelMem {
 
     /// The submission ring's producer side (the client's).
     pub fn sq_producer(&self) -> Producer<'_, SQE_LEN> {
-        Producer::new(self, off::SQ_TAIL, off::SQ_HEAD, self.geo.sq_off(), self.geo.sq_entries)
+        Producer::new(
+            self,
+            off::SQ_TAIL,
+            off::SQ_HEAD,
+            self.geo.sq_off(),
+            self.geo.sq_entries,
+        )
     }
 
     /// The submission ring's consumer side (the host's).
     pub fn sq_consumer(&self) -> Consumer<'_, SQE_LEN> {
-        Consumer::new(self, off::SQ_TAIL, off::SQ_HEAD, self.geo.sq_off(), self.geo.sq_entries)
+        Consumer::new(
+            self,
+            off::SQ_TAIL,
+            off::SQ_HEAD,
+            self.geo.sq_off(),
+            self.geo.sq_entries,
+        )
     }
 
     /// The completion ring's producer side (the host's).
     pub fn cq_producer(&self) -> Producer<'_, CQE_LEN> {
-        Producer::new(self, off::CQ_TAIL, off::CQ_HEAD, self.geo.cq_off(), self.geo.cq_entries)
+        Producer::new(
+            self,
+            off::CQ_TAIL,
+            off::CQ_HEAD,
+            self.geo.cq_off(),
+            self.geo.cq_entries,
+        )
     }
 
     /// The completion ring's consumer side (the client's).
     pub fn cq_consumer(&self) -> Consumer<'_, CQE_LEN> {
-        Consumer::new(self, off::CQ_TAIL, off::CQ_HEAD, self.geo.cq_off(), self.geo.cq_entries)
+        Consumer::new(
+            self,
+            off::CQ_TAIL,
+            off::CQ_HEAD,
+            self.geo.cq_off(),
+            self.geo.cq_entries,
+        )
     }
 }
 
@@ -562,7 +596,9 @@ impl<'a, const N: usize> Producer<'a, N> {
 
     /// Makes the written entries visible to the consumer.
     pub fn publish(&self) {
-        self.mem.word(self.tail_at).store(self.tail, Ordering::Release);
+        self.mem
+            .word(self.tail_at)
+            .store(self.tail, Ordering::Release);
     }
 }
 
@@ -621,7 +657,9 @@ impl<'a, const N: usize> Consumer<'a, N> {
 
     /// Gives the taken entries' slots back to the producer.
     pub fn release(&self) {
-        self.mem.word(self.head_at).store(self.head, Ordering::Release);
+        self.mem
+            .word(self.head_at)
+            .store(self.head, Ordering::Release);
     }
 }
 

@@ -28,9 +28,9 @@ pub use header::{
 };
 pub use op::{Op, Status};
 pub use payload::{
-    ChannelReply, CopyTarget, HelloReply, HelloRequest, IdentityStats, MapReply, NewPool, Placement, PoolKind,
-    ARENA_ALIGN, ARENA_HEADER_LEN, CAP_CHANNEL, CAP_COPY, CAP_EPHEMERAL, CAP_MAP, CAP_SHARED, POOL_EPHEMERAL,
-    POOL_SHARED,
+    ChannelReply, CopyTarget, HelloReply, HelloRequest, IdentityStats, MapReply, NewPool,
+    Placement, PoolKind, ARENA_ALIGN, ARENA_HEADER_LEN, CAP_CHANNEL, CAP_COPY, CAP_EPHEMERAL,
+    CAP_MAP, CAP_SHARED, POOL_EPHEMERAL, POOL_SHARED,
 };
 pub use queue::OutQueue;
 pub use types::{Index, Key, ObjectId, PoolId, PoolUuid, RequestId};

@@ -51,7 +51,11 @@ fn c_values() -> HashMap<String, u64> {
         .arg(&src)
         .output()
         .expect("a C compiler (cc) to check the header with");
-    assert!(cc.status.success(), "{}", String::from_utf8_lossy(&cc.stderr));
+    assert!(
+        cc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
     let out = Command::new(&bin).output().unwrap();
     String::from_utf8(out.stdout)
         .unwrap()
@@ -82,7 +86,10 @@ fn the_c_header_matches_the_rust_layout() {
         ("utmem_channel_header.cq_tail", off::CQ_TAIL as u64),
         ("utmem_channel_header.cq_head", off::CQ_HEAD as u64),
         ("utmem_channel_header.host_flags", off::HOST_FLAGS as u64),
-        ("utmem_channel_header.client_flags", off::CLIENT_FLAGS as u64),
+        (
+            "utmem_channel_header.client_flags",
+            off::CLIENT_FLAGS as u64,
+        ),
         ("utmem_sqe.op", sqe_off::OP as u64),
         ("utmem_sqe.flags", sqe_off::FLAGS as u64),
         ("utmem_sqe.reserved", sqe_off::RESERVED as u64),
@@ -107,9 +114,15 @@ fn the_c_header_matches_the_rust_layout() {
         ("UTMEM_CHANNEL_HEADER_LEN", channel::CHANNEL_HEADER_LEN),
         ("UTMEM_FEAT_CHUNKS", channel::FEAT_CHUNKS),
         ("UTMEM_FEAT_NEED_WAKEUP", channel::FEAT_NEED_WAKEUP),
-        ("UTMEM_HOST_NEED_WAKEUP", u64::from(channel::HOST_NEED_WAKEUP)),
+        (
+            "UTMEM_HOST_NEED_WAKEUP",
+            u64::from(channel::HOST_NEED_WAKEUP),
+        ),
         ("UTMEM_HOST_DEAD", u64::from(channel::HOST_DEAD)),
-        ("UTMEM_CLIENT_NEED_WAKEUP", u64::from(channel::CLIENT_NEED_WAKEUP)),
+        (
+            "UTMEM_CLIENT_NEED_WAKEUP",
+            u64::from(channel::CLIENT_NEED_WAKEUP),
+        ),
         ("UTMEM_SQE_MORE", u64::from(channel::SQE_MORE)),
         ("UTMEM_OP_PUT", Op::Put as u64),
         ("UTMEM_OP_GET", Op::Get as u64),
@@ -127,5 +140,9 @@ fn the_c_header_matches_the_rust_layout() {
     for (name, v) in &want {
         assert_eq!(c.get(*name), Some(v), "{name} in include/utmem_channel.h");
     }
-    assert_eq!(c.len(), want.len(), "every line of the C program is checked");
+    assert_eq!(
+        c.len(),
+        want.len(),
+        "every line of the C program is checked"
+    );
 }

@@ -58,6 +58,10 @@ struct ServeArgs {
     /// Threads serving the connections. [default: one per core, at most 4]
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
     io_threads: Option<u64>,
+    /// Threads serving shared-memory channels of local clients; 0 offers no channels
+    /// (clients then use their Unix socket for everything).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=16))]
+    channel_threads: u64,
     /// TOML file with per-identity quotas and shared-pool grants; re-read on SIGHUP.
     /// [default: none]
     #[arg(long, value_name = "FILE")]
@@ -224,6 +228,7 @@ fn run(args: ServeArgs) -> Result<(), String> {
             .io_threads
             .and_then(|n| usize::try_from(n).ok())
             .unwrap_or_else(default_io_threads),
+        channel_threads: usize::try_from(args.channel_threads).unwrap_or(1),
     };
     let mut created: Vec<PathBuf> = Vec::new();
     let cleanup = |created: &[PathBuf]| {
@@ -276,6 +281,7 @@ fn run(args: ServeArgs) -> Result<(), String> {
         max_connections = server.max_connections,
         max_pools = opts.max_pools,
         io_threads = server.io_threads,
+        channel_threads = server.channel_threads,
         "utmem-hostd ready"
     );
     if let Some(idle) = args.idle_expiry {

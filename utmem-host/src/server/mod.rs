@@ -2,6 +2,7 @@
 //! serve every connection (no thread per connection), sessions.
 
 mod acceptor;
+pub mod channel;
 mod listener;
 mod session;
 mod worker;
@@ -23,6 +24,8 @@ pub struct ServerConfig {
     pub timeouts: Timeouts,
     /// I/O threads serving the connections.
     pub io_threads: usize,
+    /// Threads serving shared-memory channels (0: no channels are offered).
+    pub channel_threads: usize,
 }
 
 /// Default `--max-connections` (per identity).
@@ -39,6 +42,7 @@ impl Default for ServerConfig {
                 write: DEFAULT_TIMEOUT,
             },
             io_threads: default_io_threads(),
+            channel_threads: 1,
         }
     }
 }
@@ -56,8 +60,12 @@ pub fn serve(
     store: Arc<Store>,
     cfg: ServerConfig,
 ) -> std::io::Result<()> {
+    let service = match cfg.channel_threads {
+        0 => None,
+        n => Some(channel::Service::start(n)?),
+    };
     let workers = (0..cfg.io_threads.max(1))
-        .map(|n| worker::spawn(n, Arc::clone(&store), cfg.timeouts))
+        .map(|n| worker::spawn(n, Arc::clone(&store), cfg.timeouts, service.clone()))
         .collect::<std::io::Result<Vec<_>>>()?;
     acceptor::spawn(listeners, store, workers, cfg.max_connections)?;
     Ok(())

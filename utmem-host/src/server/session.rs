@@ -22,11 +22,12 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use utmem_proto::{
-    encode_reply, CopyTarget, DecodeError, HelloReply, HelloRequest, Limits, MapReply, NewPool, Op,
-    OutQueue, ReplyHeader, RequestHeader, Status, CAP_COPY, CAP_EPHEMERAL, CAP_MAP, CAP_SHARED,
-    REQUEST_HEADER_LEN, VERSION,
+    encode_reply, ChannelReply, CopyTarget, DecodeError, HelloReply, HelloRequest, Limits,
+    MapReply, NewPool, Op, OutQueue, ReplyHeader, RequestHeader, Status, CAP_CHANNEL, CAP_COPY,
+    CAP_EPHEMERAL, CAP_MAP, CAP_SHARED, REQUEST_HEADER_LEN, VERSION,
 };
 
+use super::channel::{self, ChannelHandle, Service};
 use crate::store::{Arena, ArenaBuf, Identity, Pool, ReaderWord, Reservation, Store};
 use utmem_sys as sys;
 
@@ -129,8 +130,12 @@ pub struct Session {
     arena: Option<Arc<Arena>>,
     /// The client's reader word for that arena.
     reader: Option<Arc<ReaderWord>>,
-    /// A MAP reply to send, with the arena's descriptor, after the queued replies.
-    map_reply: Option<Bytes>,
+    /// A MAP or CHANNEL reply to send, with its descriptors, after the queued replies.
+    fd_reply: Option<(Bytes, Vec<OwnedFd>)>,
+    /// The channel service (`None`: this daemon offers no channels).
+    service: Option<Arc<Service>>,
+    /// Channels this connection opened; they end with it.
+    channels: Vec<ChannelHandle>,
     /// Over its identity's connection cap: answer the first request DENIED, then close.
     refused: Option<usize>,
     /// Set when the session is to end: the queued replies go out first.
@@ -154,6 +159,7 @@ impl Session {
         can_map: bool,
         timeouts: Timeouts,
         refused: Option<usize>,
+        service: Option<Arc<Service>>,
     ) -> Self {
         let now = Instant::now();
         Session {
@@ -170,7 +176,9 @@ impl Session {
             can_map,
             arena: None,
             reader: None,
-            map_reply: None,
+            fd_reply: None,
+            service,
+            channels: Vec::new(),
             refused,
             closing: None,
             last_read: now,
@@ -205,7 +213,7 @@ impl Session {
     }
 
     fn paused(&self) -> bool {
-        self.out.len() >= MAX_QUEUED || self.map_reply.is_some()
+        self.out.len() >= MAX_QUEUED || self.fd_reply.is_some()
     }
 
     fn mid_frame(&self) -> bool {
@@ -219,7 +227,7 @@ impl Session {
             self.closing = Some(Err(SessionError::ReaderStuck));
             return false;
         }
-        let writing = !self.out.is_empty() || self.map_reply.is_some();
+        let writing = !self.out.is_empty() || self.fd_reply.is_some();
         if writing && now.duration_since(self.last_write) >= self.timeouts.write {
             self.closing = Some(Err(SessionError::WriteTimeout(self.timeouts.write)));
             return false;
@@ -245,7 +253,7 @@ impl Session {
                     self.closing = Some(Err(e.into()));
                     return Drive::Done;
                 }
-                let drained = self.out.is_empty() && self.map_reply.is_none();
+                let drained = self.out.is_empty() && self.fd_reply.is_none();
                 if self.closing.is_some() {
                     return if drained { Drive::Done } else { Drive::Wait };
                 }
@@ -505,13 +513,11 @@ impl Session {
                 Err(e) => return Err(e),
             }
         }
-        let Some(reply) = self.map_reply.take() else {
+        let Some((reply, fds)) = self.fd_reply.take() else {
             return Ok(());
         };
-        let (Some(arena), Some(reader)) = (self.arena.clone(), self.reader.clone()) else {
-            return Ok(());
-        };
-        match sys::send_with_fds(fd, &reply, &[arena.fd(), reader.fd()]) {
+        let pass: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
+        match sys::send_with_fds(fd, &reply, &pass) {
             Ok(n) => {
                 // The descriptors went with the first byte; the rest is plain bytes.
                 self.last_write = Instant::now();
@@ -522,7 +528,7 @@ impl Session {
                 Ok(())
             }
             Err(e) if would_block(&e) => {
-                self.map_reply = Some(reply);
+                self.fd_reply = Some((reply, fds));
                 Ok(())
             }
             Err(e) => Err(e),
@@ -557,6 +563,7 @@ impl Session {
             Op::Hello => {}
             Op::Ping => self.status(&h, Status::Ok),
             Op::Map => self.map(&h),
+            Op::Channel => self.channel(&h),
             Op::Stats => {
                 let s = store.stats(&self.ident).encode();
                 self.reply(&h, Status::Ok, Bytes::copy_from_slice(&s));
@@ -627,12 +634,48 @@ impl Session {
         let mut bytes = BytesMut::new();
         let r = ReplyHeader::new(h.op, h.id, Status::Ok);
         encode_reply(&r, &MapReply { len: arena.len() }.encode(), &mut bytes);
+        let fds = match (
+            arena.fd().try_clone_to_owned(),
+            reader.fd().try_clone_to_owned(),
+        ) {
+            (Ok(a), Ok(r)) => vec![a, r],
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(identity = %self.ident.name(), "cannot pass the value arena: {e}");
+                return self.status(h, Status::NoSpace);
+            }
+        };
         self.reader = Some(reader);
         self.arena = Some(arena);
         if self.out.is_empty() {
             self.last_write = Instant::now();
         }
-        self.map_reply = Some(bytes.freeze());
+        self.fd_reply = Some((bytes.freeze(), fds));
+    }
+
+    /// CHANNEL: a shared-memory channel for this identity, served by the service
+    /// threads until this connection ends.
+    fn channel(&mut self, h: &RequestHeader) {
+        let Some(service) = self.service.clone().filter(|_| self.can_map) else {
+            return self.status(h, Status::Denied);
+        };
+        if self.channels.len() >= channel::MAX_PER_CONNECTION {
+            return self.status(h, Status::Denied);
+        }
+        let (handle, fds) = match service.open(&self.store, &self.ident) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(identity = %self.ident.name(), "cannot make a channel: {e}");
+                return self.status(h, Status::NoSpace);
+            }
+        };
+        let mut bytes = BytesMut::new();
+        let r = ReplyHeader::new(h.op, h.id, Status::Ok);
+        encode_reply(&r, &ChannelReply { len: fds.len }.encode(), &mut bytes);
+        self.channels.push(handle);
+        if self.out.is_empty() {
+            self.last_write = Instant::now();
+        }
+        self.fd_reply = Some((bytes.freeze(), vec![fds.region, fds.submit, fds.complete]));
     }
 
     fn hello(&mut self, h: &RequestHeader, payload: &[u8]) {
@@ -645,7 +688,12 @@ impl Session {
                     capabilities: CAP_COPY
                         | CAP_SHARED
                         | CAP_EPHEMERAL
-                        | if self.can_map { CAP_MAP } else { 0 },
+                        | if self.can_map { CAP_MAP } else { 0 }
+                        | if self.can_map && self.service.is_some() {
+                            CAP_CHANNEL
+                        } else {
+                            0
+                        },
                     max_value: self.limits.max_value,
                     quota: self.ident.quota(),
                     identity: self.ident.name().to_owned(),

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use super::channel::Service;
 use super::session::{Drive, Session, SessionError, Timeouts};
 use crate::store::{Identity, Store};
 
@@ -58,6 +59,7 @@ struct Worker {
     rx: Receiver<NewConn>,
     store: Arc<Store>,
     timeouts: Timeouts,
+    service: Option<Arc<Service>>,
     sessions: Vec<Option<Session>>,
     free: Vec<usize>,
     /// Sessions with work left that needs no event.
@@ -70,6 +72,7 @@ pub(crate) fn spawn(
     n: usize,
     store: Arc<Store>,
     timeouts: Timeouts,
+    service: Option<Arc<Service>>,
 ) -> std::io::Result<WorkerHandle> {
     let poll = Poll::new()?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
@@ -80,6 +83,7 @@ pub(crate) fn spawn(
         rx,
         store,
         timeouts,
+        service,
         sessions: Vec::new(),
         free: Vec::new(),
         ready: Vec::new(),
@@ -160,6 +164,7 @@ impl Worker {
                 c.can_map,
                 self.timeouts,
                 c.refused,
+                self.service.clone(),
             );
             self.sessions[i] = Some(s);
             todo.push(i);

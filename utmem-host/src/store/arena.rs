@@ -141,7 +141,9 @@ impl Parked {
     }
 }
 
-fn memfd(name: &str, len: u64) -> io::Result<File> {
+/// A sealed memfd of `len` bytes (it can neither shrink nor grow: a peer that maps it
+/// cannot make us fault).
+pub(crate) fn memfd(name: &str, len: u64) -> io::Result<File> {
     let cname = std::ffi::CString::new(name)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a name"))?;
     // SAFETY: memfd_create reads a NUL-terminated name and returns a new descriptor.

@@ -23,6 +23,7 @@ mod pool;
 mod reservation;
 mod snapshot;
 
+pub(crate) use arena::memfd;
 pub use arena::{extent_len, Arena, ArenaBuf, ReaderWord};
 pub use eviction::{EvictionPolicy, Lru};
 pub use identity::Identity;

@@ -21,7 +21,13 @@ const SMALL: Geometry = Geometry {
 #[test]
 fn layout_offsets_and_sizes() {
     assert_eq!(off::SQ_TAIL % 64, 0);
-    for w in [off::SQ_HEAD, off::CQ_TAIL, off::CQ_HEAD, off::HOST_FLAGS, off::CLIENT_FLAGS] {
+    for w in [
+        off::SQ_HEAD,
+        off::CQ_TAIL,
+        off::CQ_HEAD,
+        off::HOST_FLAGS,
+        off::CLIENT_FLAGS,
+    ] {
         assert_eq!(w % 64, 0, "each index word has its own cache line");
     }
     assert_eq!(off::CLIENT_FLAGS + 64, 512);
@@ -82,7 +88,14 @@ fn descriptors_round_trip_at_their_offsets() {
 
 #[test]
 fn control_ops_and_stray_bits_are_not_channel_ops() {
-    for op in [Op::Hello, Op::NewPool, Op::DestroyPool, Op::Stats, Op::Map, Op::Channel] {
+    for op in [
+        Op::Hello,
+        Op::NewPool,
+        Op::DestroyPool,
+        Op::Stats,
+        Op::Map,
+        Op::Channel,
+    ] {
         let s = Sqe {
             op: op as u8,
             ..Sqe::default()
@@ -107,8 +120,7 @@ fn a_header_is_read_back_and_checked() {
     m.init_header();
     assert_eq!(ChannelMem::read_geometry(&f), Ok(SMALL));
     // A header that lies about its offsets is refused.
-    std::os::unix::fs::FileExt::write_all_at(&f, &77u64.to_le_bytes(), off::CQ_OFF as u64)
-        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &77u64.to_le_bytes(), off::CQ_OFF as u64).unwrap();
     assert!(ChannelMem::read_geometry(&f).is_err());
     std::os::unix::fs::FileExt::write_all_at(&f, &3u32.to_le_bytes(), off::SQ_ENTRIES as u64)
         .unwrap();

@@ -1,0 +1,364 @@
+//! The client's side of a shared-memory channel (see `utmem_proto::channel`).
+//!
+//! A local client asks for a channel over its Unix connection (CHANNEL) and gets the
+//! region's memfd and two eventfds. A request is then a copy of its payload into
+//! staging and a descriptor in the submission ring: no system call, unless the host
+//! said it is going to sleep, and then one kick per batch ([`Channel::kick`]).
+//! Completions come back in submission order; [`Channel::drain`] hands them out and
+//! gives their staging back.
+//!
+//! The channel lives as long as the connection that opened it: when that connection
+//! ends (or the host marks the channel dead), requests still in it have no answer
+//! coming, and the caller must treat them as failed (see [`Channel::is_dead`]).
+//! Staging is used as a ring: payloads are placed one after the other and freed in
+//! completion order.
+
+// The staging length is at most 1 GiB: offsets fit every integer type used here.
+#![allow(clippy::cast_possible_truncation)]
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use utmem_proto::channel::{
+    arm, wants_kick, ChannelMem, Cqe, Sqe, CLIENT_NEED_WAKEUP, HOST_DEAD, HOST_NEED_WAKEUP,
+};
+use utmem_proto::{
+    ChannelReply, Key, Limits, Op, PoolId, ReplyHeader, RequestHeader, RequestId, Status,
+    REPLY_HEADER_LEN,
+};
+use utmem_sys as sys;
+
+use crate::mapped::MapError;
+
+/// Payloads start at multiples of this in staging.
+const ALIGN: u64 = 64;
+
+/// A shared-memory channel to the host. Any thread may use it (a small lock guards
+/// the producer and consumer sides); its completions are for whoever drains them.
+#[derive(Debug)]
+pub struct Channel {
+    mem: ChannelMem,
+    submit: OwnedFd,
+    complete: OwnedFd,
+    state: Mutex<State>,
+    /// Largest payload one descriptor may carry.
+    max_payload: u64,
+}
+
+#[derive(Debug)]
+struct State {
+    sq_tail: u32,
+    cq_head: u32,
+    next_id: u64,
+    /// Staging: bytes handed out (`head`) and given back (`tail`), as running totals.
+    head: u64,
+    tail: u64,
+    /// Requests in the ring, oldest first: id and the staging total to give back to.
+    inflight: VecDeque<(u64, u64)>,
+    /// The host broke the channel's rules (completions out of order, bad status).
+    broken: bool,
+}
+
+/// A completion handed out by [`Channel::drain`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    /// The id [`Channel::put`] (or another submit) returned.
+    pub id: u64,
+    /// Outcome.
+    pub status: Status,
+    /// PUT: placement offset; GET: value length.
+    pub arg0: u64,
+    /// PUT: placement stamp (zero: not in the arena).
+    pub arg1: u64,
+}
+
+fn check_sealed(fd: &OwnedFd, len: u64) -> Result<(), MapError> {
+    let bad = |why: String| MapError::Unsafe {
+        what: "channel",
+        why,
+    };
+    let need = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+    let seals = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GET_SEALS)
+        .map_err(|e| bad(format!("cannot read its seals ({e}): not a sealable memfd")))?;
+    if seals & need != need {
+        return Err(bad(format!(
+            "seals {seals:#x} lack F_SEAL_SHRINK|F_SEAL_GROW"
+        )));
+    }
+    let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| bad(format!("fstat: {e}")))?;
+    if u64::try_from(st.st_size).unwrap_or(0) < len {
+        return Err(bad(format!("{} bytes, {len} announced", st.st_size)));
+    }
+    Ok(())
+}
+
+impl Channel {
+    /// Sends CHANNEL on a socket nobody else reads yet and maps what comes back, after
+    /// checking that the region cannot shrink under us and that its header is sane.
+    pub fn open(mut sock: &UnixStream, limits: &Limits) -> Result<Channel, MapError> {
+        sock.write_all(&RequestHeader::new(Op::Channel, RequestId(0)).encode())?;
+        let mut buf = [0u8; REPLY_HEADER_LEN + ChannelReply::LEN];
+        let mut got = 0;
+        let mut want = REPLY_HEADER_LEN;
+        let mut fds: Vec<OwnedFd> = Vec::new();
+        while got < want {
+            let (n, f) = sys::recv_with_fds(sock.as_fd(), &mut buf[got..want])?;
+            if n == 0 {
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+            }
+            fds.extend(f);
+            got += n;
+            if got == REPLY_HEADER_LEN {
+                let mut hb = [0u8; REPLY_HEADER_LEN];
+                hb.copy_from_slice(&buf[..REPLY_HEADER_LEN]);
+                let h = ReplyHeader::decode(&hb, limits)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                if h.op != Op::Channel || h.status != Status::Ok {
+                    return Err(io::Error::other(format!("CHANNEL refused: {}", h.status)).into());
+                }
+                want = buf.len();
+            }
+        }
+        let reply = ChannelReply::decode(&buf[REPLY_HEADER_LEN..])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let [region, submit, complete] = <[OwnedFd; 3]>::try_from(fds).map_err(|f| {
+            io::Error::other(format!(
+                "CHANNEL reply came with {} descriptors, not 3",
+                f.len()
+            ))
+        })?;
+        check_sealed(&region, reply.len)?;
+        let file = File::from(region);
+        let geo = ChannelMem::read_geometry(&file).map_err(io::Error::other)?;
+        if geo.region_len() != reply.len {
+            return Err(io::Error::other("CHANNEL reply and header disagree on the length").into());
+        }
+        let mem = ChannelMem::map(file, geo).map_err(io::Error::other)?;
+        Ok(Channel {
+            max_payload: geo.staging_len / 2,
+            mem,
+            submit,
+            complete,
+            state: Mutex::new(State {
+                sq_tail: 0,
+                cq_head: 0,
+                next_id: 1,
+                head: 0,
+                tail: 0,
+                inflight: VecDeque::new(),
+                broken: false,
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Largest value [`Channel::put`] takes in one descriptor; larger ones go over the
+    /// socket.
+    pub fn max_payload(&self) -> u64 {
+        self.max_payload
+    }
+
+    /// The host ended the channel, or broke its rules: nothing more will complete.
+    pub fn is_dead(&self) -> bool {
+        self.mem.host_flags().load(Ordering::Acquire) & HOST_DEAD != 0 || self.lock().broken
+    }
+
+    /// Requests submitted and not yet completed.
+    pub fn inflight(&self) -> usize {
+        self.lock().inflight.len()
+    }
+
+    /// The eventfd the host kicks when it completed requests and we asked for a kick.
+    pub fn complete_fd(&self) -> BorrowedFd<'_> {
+        self.complete.as_fd()
+    }
+
+    /// Staging room for `len` bytes: the offset, and the running total to give back on
+    /// completion; `None` if staging is too full now.
+    fn stage(st: &mut State, staging_len: u64, len: u64) -> Option<(u64, u64)> {
+        let len = len.div_ceil(ALIGN) * ALIGN;
+        let mut at = st.head % staging_len;
+        let mut head = st.head;
+        if at + len > staging_len {
+            // Does not fit before the end: skip to the start (the gap is freed with it).
+            head += staging_len - at;
+            at = 0;
+        }
+        let end = head + len;
+        if end - st.tail > staging_len {
+            return None;
+        }
+        st.head = end;
+        Some((at, end))
+    }
+
+    /// Submits one descriptor (with `payload` copied to staging); `None` if the ring or
+    /// staging is full now or the payload is over [`Channel::max_payload`]. Visible to
+    /// the host at once; the host is kicked by [`Channel::kick`].
+    fn submit(&self, mut sqe: Sqe, payload: &[u8]) -> Option<u64> {
+        let len = payload.len() as u64;
+        if len > self.max_payload {
+            return None;
+        }
+        let mut st = self.lock();
+        if st.broken {
+            return None;
+        }
+        let mut sq = self.mem.sq_producer().at(st.sq_tail);
+        if sq.room().ok()? == 0 {
+            return None;
+        }
+        let geo = self.mem.geometry();
+        let (at, end) = if len == 0 {
+            (0, st.head)
+        } else {
+            let saved = st.head;
+            let Some(s) = Self::stage(&mut st, geo.staging_len, len) else {
+                st.head = saved;
+                return None;
+            };
+            s
+        };
+        if len > 0 {
+            self.mem.staging(at, len)?.copy_from(payload);
+        }
+        let id = st.next_id;
+        st.next_id += 1;
+        sqe.id = RequestId(id);
+        sqe.offset = at;
+        sqe.len = len;
+        sqe.total = len;
+        sq.push(&sqe.encode());
+        sq.publish();
+        st.sq_tail = sq.tail;
+        st.inflight.push_back((id, end));
+        Some(id)
+    }
+
+    /// Submits a PUT of `value`; its id, or `None` if it does not fit now (see
+    /// [`Channel::submit`]).
+    pub fn put(&self, pool: PoolId, key: Key, value: &[u8]) -> Option<u64> {
+        let sqe = Sqe {
+            op: Op::Put as u8,
+            pool,
+            key,
+            ..Sqe::default()
+        };
+        self.submit(sqe, value)
+    }
+
+    /// Submits a FLUSH of `key`.
+    pub fn flush(&self, pool: PoolId, key: Key) -> Option<u64> {
+        let sqe = Sqe {
+            op: Op::Flush as u8,
+            pool,
+            key,
+            ..Sqe::default()
+        };
+        self.submit(sqe, &[])
+    }
+
+    /// Submits a PING.
+    pub fn ping(&self) -> Option<u64> {
+        let sqe = Sqe {
+            op: Op::Ping as u8,
+            ..Sqe::default()
+        };
+        self.submit(sqe, &[])
+    }
+
+    /// Kicks the host if it said it is going to sleep (once per batch); true if it did.
+    pub fn kick(&self) -> bool {
+        if !wants_kick(self.mem.host_flags(), HOST_NEED_WAKEUP) {
+            return false;
+        }
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to an eventfd we hold.
+        unsafe { libc::write(self.submit.as_raw_fd(), one.as_ptr().cast(), 8) };
+        true
+    }
+
+    /// Hands every completion that arrived to `f`, in submission order, and gives
+    /// their staging back. A completion that does not match the oldest request breaks
+    /// the channel (see [`Channel::is_dead`]).
+    pub fn drain(&self, mut f: impl FnMut(Completion)) -> usize {
+        let mut st = self.lock();
+        if st.broken {
+            return 0;
+        }
+        let mut cq = self.mem.cq_consumer().at(st.cq_head);
+        let Ok(n) = cq.ready() else {
+            st.broken = true;
+            return 0;
+        };
+        let mut done = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let raw = cq.pop();
+            let front = st.inflight.pop_front();
+            match (Cqe::decode(&raw), front) {
+                (Some(c), Some((id, end))) if c.id.0 == id => {
+                    st.tail = end;
+                    done.push(Completion {
+                        id,
+                        status: c.status,
+                        arg0: c.arg0,
+                        arg1: c.arg1,
+                    });
+                }
+                _ => {
+                    st.broken = true;
+                    break;
+                }
+            }
+        }
+        cq.release();
+        st.cq_head = cq.head;
+        drop(st);
+        let k = done.len();
+        for c in done {
+            f(c);
+        }
+        k
+    }
+
+    /// Before sleeping with requests in flight: asks the host to kick
+    /// [`Channel::complete_fd`]; true if completions are already there (then do not
+    /// sleep: drain).
+    pub fn arm(&self) -> bool {
+        arm(self.mem.client_flags(), CLIENT_NEED_WAKEUP);
+        let st = self.lock();
+        self.mem
+            .cq_consumer()
+            .at(st.cq_head)
+            .ready()
+            .map_or(true, |n| n > 0)
+    }
+
+    /// Resets the *complete* eventfd after it woke us.
+    pub fn clear_wakeup(&self) {
+        let mut b = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into a live buffer from an eventfd we hold.
+        unsafe { libc::read(self.complete.as_raw_fd(), b.as_mut_ptr().cast(), 8) };
+    }
+
+    /// Takes every request still in flight (the channel is dead): their ids.
+    pub fn abandon(&self) -> Vec<u64> {
+        let mut st = self.lock();
+        st.broken = true;
+        st.inflight.drain(..).map(|(id, _)| id).collect()
+    }
+
+    /// The whole region as volatile memory (tests that play a hostile client).
+    #[doc(hidden)]
+    pub fn region_for_tests(&self) -> &ChannelMem {
+        &self.mem
+    }
+}
