@@ -357,6 +357,8 @@ pub fn set(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         Some(h) => part(h),
         None => (Some(Val::Ok), None),
     };
+    // A channel takes the PUT now: the SET replies once it is in the ring.
+    let slot = slot.and_then(|s| crate::chan::put(s).err());
     let slot = match slot {
         Some(slot) if must_ack_now(ctx) => {
             io::send(Job::Put { slot, done: None });
@@ -447,13 +449,16 @@ pub fn mset(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
             Stored::BySet => continue,
             Stored::Inline(key) => key,
             Stored::Remote(key, s) => {
-                if now {
-                    io::send(Job::Put {
-                        slot: s,
-                        done: None,
-                    });
-                } else {
-                    slots.extend(put_unless_acked_locally(s));
+                // A channel takes the PUT now; else the socket path as before.
+                if let Err(s) = crate::chan::put(s) {
+                    if now {
+                        io::send(Job::Put {
+                            slot: s,
+                            done: None,
+                        });
+                    } else {
+                        slots.extend(put_unless_acked_locally(s));
+                    }
                 }
                 key
             }

@@ -3,7 +3,7 @@
 //! `--loadmodule` / `MODULE LOAD`. A bad option makes the load fail with a message
 //! naming the option and saying why.
 
-use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::Relaxed};
 use std::sync::{Mutex, PoisonError};
 
 use redis_module::configuration::{ConfigurationContext, ConfigurationValue};
@@ -24,6 +24,9 @@ pub static TRANSPORT: Spec = Spec(Mutex::new(String::new()));
 pub static POOL: Mutex<String> = Mutex::new(String::new());
 /// What UTMEM.SET does when the host is unreachable.
 pub static ON_HOST_DOWN: Mutex<OnHostDown> = Mutex::new(OnHostDown::local);
+
+/// Use a shared-memory channel to the host when it offers one (a local Unix socket).
+pub static CHANNEL: AtomicBool = AtomicBool::new(true);
 
 /// When UTMEM.SET replies.
 pub static SET_ACK: Mutex<SetAck> = Mutex::new(SetAck::host);
@@ -114,7 +117,7 @@ pub fn mapped_read_max() -> usize {
 
 /// The options and their bounds, for messages.
 pub const OPTIONS: &str =
-    "transport, threshold, pool, timeout-ms, on-host-down, max-pending-bytes, mapped-read-max, set-ack";
+    "transport, threshold, pool, timeout-ms, on-host-down, max-pending-bytes, mapped-read-max, set-ack, channel";
 
 /// Bounds of the integer options.
 pub const THRESHOLD_MAX: i64 = 512 << 20;
@@ -173,6 +176,14 @@ pub fn apply_args(args: &[String]) -> Result<(), String> {
                 };
                 *SET_ACK.lock().unwrap_or_else(PoisonError::into_inner) = mode;
             }
+            "channel" => {
+                let on = match v.to_ascii_lowercase().as_str() {
+                    "yes" => true,
+                    "no" => false,
+                    _ => return Err(format!("option channel: {v:?} is neither `yes` nor `no`")),
+                };
+                CHANNEL.store(on, Relaxed);
+            }
             "on-host-down" => {
                 let mode = match v.to_ascii_lowercase().as_str() {
                     "local" => OnHostDown::local,
@@ -226,6 +237,7 @@ mod tests {
         assert!(e(&["transport", "tcp:1"]).starts_with("option transport"));
         assert!(e(&["on-host-down", "panic"]).starts_with("option on-host-down"));
         assert!(e(&["bogus", "1"]).contains("unknown option"));
+        assert!(e(&["channel", "maybe"]).starts_with("option channel"));
         assert!(e(&["threshold"]).contains("pairs"));
     }
 }

@@ -120,6 +120,7 @@ pub fn start(spec: &str, pool_name: &str, timeout: Duration) -> Result<&'static 
         Options {
             timeout,
             map: true,
+            channel: crate::config::CHANNEL.load(Relaxed),
             ..Options::default()
         },
     )
@@ -171,7 +172,9 @@ pub fn send(job: Job) {
 
 /// Flushes an object on the host (deferred while a fork child runs).
 pub fn flush(oid: u64) {
-    send(Job::Flush(oid));
+    if !crate::chan::flush(oid) {
+        send(Job::Flush(oid));
+    }
 }
 
 /// Whether the host is reachable right now, as far as the client knows.
@@ -649,7 +652,8 @@ impl Io {
     }
 }
 
-fn remember_for_retry(slot: &Arc<Slot>) {
+/// Offers `slot` (kept in Redis) to the host again later.
+pub fn remember_for_retry(slot: &Arc<Slot>) {
     if let Some(s) = shared() {
         lock(&s.retry).push(Arc::downgrade(slot));
     }

@@ -9,6 +9,7 @@
 //! plain strings. Redis's main thread never waits for the host on the normal
 //! path; see `docs/module.md` for the contract.
 
+pub mod chan;
 pub mod commands;
 pub mod config;
 pub mod datatype;
@@ -54,6 +55,12 @@ pub fn info_fields() -> Vec<(&'static str, String)> {
         ("transport", transport),
         ("pool", pool),
         ("connected", u8::from(io::connected()).to_string()),
+        (
+            "path",
+            if chan::in_use() { "channel" } else { "socket" }.to_owned(),
+        ),
+        ("channel_requests", c(&chan::SUBMITTED)),
+        ("channel_kicks", c(&chan::KICKS)),
         ("threshold", config::threshold().to_string()),
         ("offloaded_values", g(&s.offloaded_values)),
         ("offloaded_bytes", g(&s.offloaded_bytes)),

@@ -33,6 +33,7 @@ fn on_timeout_changed(
 }
 
 fn on_fork(born: bool) {
+    crate::chan::set_fork_running(born);
     io::send(io::Job::Fork(born));
 }
 
@@ -110,6 +111,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
     raw::track_forks();
     raw::set_module_options(ctx);
     raw::on_fork_child(ctx, on_fork);
+    raw::on_before_sleep(ctx, crate::chan::before_sleep);
     match io::start(&spec, &pool, config::timeout()) {
         Ok(m) => {
             ctx.log_notice(&format!(
@@ -161,7 +163,9 @@ redis_module! {
             ["transport", &config::TRANSPORT, config::DEFAULT_TRANSPORT, ConfigurationFlags::IMMUTABLE, None],
             ["pool", &config::POOL, "", ConfigurationFlags::IMMUTABLE, None],
         ],
-        bool: [],
+        bool: [
+            ["channel", &config::CHANNEL, true, ConfigurationFlags::IMMUTABLE, None],
+        ],
         enum: [
             ["on-host-down", &config::ON_HOST_DOWN, OnHostDown::local, ConfigurationFlags::DEFAULT, None],
             ["set-ack", &config::SET_ACK, SetAck::host, ConfigurationFlags::DEFAULT, None],

@@ -516,6 +516,75 @@ pub fn on_fork_child(ctx: &Context, f: fn(bool)) {
 
 static FORK_HANDLER: std::sync::OnceLock<fn(bool)> = std::sync::OnceLock::new();
 
+static BEFORE_SLEEP: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Calls `f` on the main thread each time Redis's event loop is about to wait for
+/// events.
+pub fn on_before_sleep(ctx: &Context, f: fn()) {
+    BEFORE_SLEEP.get_or_init(|| f);
+    let event = raw::RedisModuleEvent {
+        id: raw::REDISMODULE_EVENT_EVENTLOOP,
+        dataver: 1,
+    };
+    // SAFETY: OnLoad context; the callback is a plain extern fn that lives forever.
+    unsafe {
+        raw::RedisModule_SubscribeToServerEvent.expect("api")(ctx.ctx, event, Some(loop_event));
+    }
+}
+
+extern "C" fn loop_event(
+    _ctx: *mut RedisModuleCtx,
+    _eid: raw::RedisModuleEvent,
+    subevent: u64,
+    _data: *mut c_void,
+) {
+    if subevent == raw::REDISMODULE_SUBEVENT_EVENTLOOP_BEFORE_SLEEP {
+        if let Some(f) = BEFORE_SLEEP.get() {
+            f();
+        }
+    }
+}
+
+static ON_READABLE: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Watches `fd` in Redis's event loop: `f` runs on the main thread when it is readable.
+/// One callback for every watched descriptor (the first one given). False if Redis
+/// refused (an old server without the API, or a bad descriptor).
+pub fn watch_readable(fd: c_int, f: fn()) -> bool {
+    ON_READABLE.get_or_init(|| f);
+    // SAFETY: main thread; the callback is a plain extern fn that lives forever and
+    // takes no user data.
+    unsafe {
+        match raw::RedisModule_EventLoopAdd {
+            Some(add) => {
+                add(
+                    fd,
+                    raw::REDISMODULE_EVENTLOOP_READABLE as c_int,
+                    Some(readable),
+                    ptr::null_mut(),
+                ) == REDISMODULE_OK
+            }
+            None => false,
+        }
+    }
+}
+
+/// Stops watching `fd`.
+pub fn unwatch(fd: c_int) {
+    // SAFETY: main thread; removing a descriptor that is not watched is harmless.
+    unsafe {
+        if let Some(del) = raw::RedisModule_EventLoopDel {
+            del(fd, raw::REDISMODULE_EVENTLOOP_READABLE as c_int);
+        }
+    }
+}
+
+extern "C" fn readable(_fd: c_int, _data: *mut c_void, _mask: c_int) {
+    if let Some(f) = ON_READABLE.get() {
+        f();
+    }
+}
+
 extern "C" fn fork_event(
     _ctx: *mut RedisModuleCtx,
     _eid: raw::RedisModuleEvent,

@@ -163,6 +163,7 @@ fn redis_answers_others_while_the_host_is_stopped() {
         .arg("hello")
         .query(&mut c)
         .expect("set");
+    r.wait_offloaded();
     d.signal(Signal::SIGSTOP);
     // The value sits in the arena Redis maps: it is served without the host.
     let v: Vec<u8> = redis::cmd("UTMEM.GET")
@@ -433,6 +434,7 @@ fn copy_while_the_host_is_stopped_loses_nothing() {
     let mut c = r.conn();
     let v = pattern(9, 7000);
     assert_eq!(utmem_set(&mut c, "src", &v).unwrap(), "OK");
+    r.wait_offloaded();
     d.signal(Signal::SIGSTOP);
     let copied: i64 = redis::cmd("COPY")
         .arg("src")
@@ -490,6 +492,8 @@ fn timeout_ms_changes_at_run_time() {
     );
     let mut c = r.conn();
     assert_eq!(utmem_set(&mut c, "k", &pattern(5, 5000)).unwrap(), "OK");
+    // Over a channel, +OK comes before the host has the value: wait until it has.
+    r.wait_offloaded();
     d.signal(Signal::SIGSTOP);
     config_set(&mut c, "utmem.timeout-ms", "2500");
     let t0 = Instant::now();

@@ -284,6 +284,7 @@ fn saves_succeed_after_the_host_lost_values() {
             .query(&mut c)
             .expect("set");
     }
+    r.wait_offloaded();
     let _: () = redis::cmd("SAVE").query(&mut c).expect("save");
     d.kill();
     d.restart();
@@ -337,6 +338,7 @@ fn saves_wait_for_an_unreachable_host_instead_of_losing_values() {
         .arg(&v)
         .query(&mut c)
         .expect("set");
+    r.wait_offloaded();
     d.signal(nix::sys::signal::Signal::SIGSTOP);
     mapped_reads_off(&mut c);
     // A read times out: now the module knows the host does not answer.

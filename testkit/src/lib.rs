@@ -364,6 +364,20 @@ pub struct Redis {
 }
 
 impl Redis {
+    /// Waits until no PUT is in flight (`utmem_pending` is 0): every value UTMEM.SET
+    /// answered is on the host or kept in Redis. Over a channel, +OK comes when the
+    /// PUT is in the ring, before the host has the value.
+    pub fn wait_offloaded(&self) {
+        let t0 = std::time::Instant::now();
+        while self.info("utmem", "utmem_pending") != "0" {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(30),
+                "PUTs still in flight after 30 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
     /// Starts a server with the module loaded (`module_args` after the module path) and
     /// `extra` server arguments (e.g. `--appendonly yes`).
     pub fn start(module_args: &[&str], extra: &[&str]) -> Redis {
@@ -560,6 +574,14 @@ impl Daemon {
             }
         }
         total
+    }
+
+    /// Bytes the host holds for every identity (`stats --json`'s `used`).
+    pub fn host_used(&self) -> u64 {
+        let (ok, out, err) = self.admin_cmd(&["stats", "--json"]);
+        assert!(ok, "stats failed: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        v["used"].as_u64().expect("stats has `used`")
     }
 
     /// Waits (up to 20 s) until pool `name` holds `values` values; returns the last usage.
