@@ -516,11 +516,11 @@ pub fn on_fork_child(ctx: &Context, f: fn(bool)) {
 
 static FORK_HANDLER: std::sync::OnceLock<fn(bool)> = std::sync::OnceLock::new();
 
-static BEFORE_SLEEP: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+static BEFORE_SLEEP: std::sync::OnceLock<fn(&Context)> = std::sync::OnceLock::new();
 
 /// Calls `f` on the main thread each time Redis's event loop is about to wait for
 /// events.
-pub fn on_before_sleep(ctx: &Context, f: fn()) {
+pub fn on_before_sleep(ctx: &Context, f: fn(&Context)) {
     BEFORE_SLEEP.get_or_init(|| f);
     let event = raw::RedisModuleEvent {
         id: raw::REDISMODULE_EVENT_EVENTLOOP,
@@ -533,14 +533,14 @@ pub fn on_before_sleep(ctx: &Context, f: fn()) {
 }
 
 extern "C" fn loop_event(
-    _ctx: *mut RedisModuleCtx,
+    ctx: *mut RedisModuleCtx,
     _eid: raw::RedisModuleEvent,
     subevent: u64,
     _data: *mut c_void,
 ) {
     if subevent == raw::REDISMODULE_SUBEVENT_EVENTLOOP_BEFORE_SLEEP {
         if let Some(f) = BEFORE_SLEEP.get() {
-            f();
+            f(&Context::new(ctx));
         }
     }
 }
