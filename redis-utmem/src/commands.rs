@@ -45,7 +45,7 @@ fn look(key: &Key, mapped_max: usize) -> Have {
         KeyKind::Empty => Have::Missing,
         KeyKind::String => Have::Value(Val::Bulk(key.string().unwrap_or_default())),
         KeyKind::Ours => match key.stub() {
-            Some(Stub(slot)) => match slot.read_near(mapped_max) {
+            Some(Stub(slot)) => match io::read_near(slot, mapped_max) {
                 Read::Here(b) => Have::Value(Val::Bulk(b)),
                 Read::Remote(crc) => {
                     Have::Fetch(slot.source().unwrap_or_else(|| Arc::clone(slot)), crc)
@@ -220,7 +220,7 @@ fn store(
 ) -> Stored {
     let kind = key.kind();
     if value.len() < config::threshold() {
-        Stats::bump(&crate::stats().inline_sets);
+        Stats::bump(&crate::stats::get().inline_sets);
         let done = match kind {
             KeyKind::Empty => {
                 key.set_string(value);
@@ -358,7 +358,7 @@ pub fn set(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         None => (Some(Val::Ok), None),
     };
     // A channel takes the PUT now: the SET replies once it is in the ring.
-    let slot = slot.and_then(|s| crate::chan::put(s).err());
+    let slot = slot.and_then(|s| io::chan::put(s).err());
     let slot = match slot {
         Some(slot) if must_ack_now(ctx) => {
             io::send(Job::Put { slot, done: None });
@@ -450,7 +450,7 @@ pub fn mset(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
             Stored::Inline(key) => key,
             Stored::Remote(key, s) => {
                 // A channel takes the PUT now; else the socket path as before.
-                if let Err(s) = crate::chan::put(s) {
+                if let Err(s) = io::chan::put(s) {
                     if now {
                         io::send(Job::Put {
                             slot: s,
@@ -512,7 +512,7 @@ pub fn strlen(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let n = match key.kind() {
         KeyKind::Empty => 0,
         KeyKind::String => key.string_len(),
-        KeyKind::Ours => key.stub().map_or(0, |s| s.0.len),
+        KeyKind::Ours => key.stub::<Stub>().map_or(0, |s| s.0.len),
         KeyKind::Other => return Err(RedisError::WrongType),
     };
     Ok(RedisValue::Integer(i64::try_from(n).unwrap_or(i64::MAX)))
@@ -545,35 +545,6 @@ pub fn offload(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     pending.reply(ctx, config::timeout(), Val::Int(1))
 }
 
-/// Makes `name` a plain string again if it still holds `slot`, and propagates that as
-/// the plain write it is (`SET key value [PXAT ms]`). Main thread (or GIL held).
-pub(crate) fn recall_key(
-    ctx: &Context,
-    name: &RedisString,
-    slot: &Arc<Slot>,
-    bytes: &[u8],
-) -> bool {
-    let key = Key::open(ctx, name);
-    if !key.stub().is_some_and(|s| Arc::ptr_eq(&s.0, slot)) {
-        return false;
-    }
-    let at = key.abs_expire_ms();
-    drop(key);
-    let value = RedisString::create_from_slice(ctx.ctx, bytes);
-    let keep = RedisString::create(None, "KEEPTTL");
-    // SET itself replaces the key in place, keeps its TTL and signals it.
-    let _ = ctx.call("SET", &[name, &value, &keep][..]);
-    match at {
-        Some(at) => {
-            let pxat = RedisString::create(None, "PXAT");
-            let at = RedisString::create(None, at.to_string());
-            ctx.replicate("SET", &[name, &value, &pxat, &at][..]);
-        }
-        None => ctx.replicate("SET", &[name, &value][..]),
-    }
-    true
-}
-
 /// UTMEM.RECALL key: a utmem value becomes a plain string again. 1 if it did.
 ///
 /// The swap happens on the main thread: at once when the bytes are in Redis; after the
@@ -589,7 +560,7 @@ pub fn recall(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let (slot, read) = match key.kind() {
         KeyKind::Empty | KeyKind::String => return Ok(RedisValue::Integer(0)),
         KeyKind::Other => return Err(RedisError::WrongType),
-        KeyKind::Ours => match key.stub() {
+        KeyKind::Ours => match key.stub::<Stub>() {
             Some(s) => (Arc::clone(&s.0), s.0.read()),
             None => return Ok(RedisValue::Integer(0)),
         },
@@ -602,13 +573,13 @@ pub fn recall(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         _ => RedisError::Str("ERR utmem: unexpected reply"),
     };
     match read {
-        Read::Here(b) => Ok(RedisValue::Integer(i64::from(recall_key(
+        Read::Here(b) => Ok(RedisValue::Integer(i64::from(crate::recall::recall_key(
             ctx, name, &slot, &b,
         )))),
         Read::Lost => Err(err(io::lost_err())),
         Read::Remote(_) if crate::gather::mode(ctx) != crate::gather::Mode::Block => {
             match io::fetch_sync(&slot) {
-                Ok(b) => Ok(RedisValue::Integer(i64::from(recall_key(
+                Ok(b) => Ok(RedisValue::Integer(i64::from(crate::recall::recall_key(
                     ctx, name, &slot, &b,
                 )))),
                 Err(e) => Err(err(e.reply())),
@@ -625,7 +596,7 @@ pub fn recall(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
                     blocked.finish(Box::new(move |ctx| match r {
                         Ok(b) => {
                             let name = RedisString::create_from_slice(ctx.ctx, &owned);
-                            Val::Int(i64::from(recall_key(ctx, &name, &s2, &b)))
+                            Val::Int(i64::from(crate::recall::recall_key(ctx, &name, &s2, &b)))
                         }
                         Err(v) => v,
                     }))
@@ -642,7 +613,7 @@ pub fn recallall(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     if args.len() != 1 {
         return Err(arity("utmem.recallall"));
     }
-    let s = crate::stats();
+    let s = crate::stats::get();
     if s.recall_running
         .compare_exchange(
             0,
@@ -670,7 +641,7 @@ pub fn recallall(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         .name("utmem-recallall".into())
         .spawn(move || {
             crate::recall::run_all(dbs);
-            crate::stats()
+            crate::stats::get()
                 .recall_running
                 .store(0, std::sync::atomic::Ordering::Relaxed);
         })

@@ -215,7 +215,7 @@ pub fn ack_locally() -> bool {
         return false;
     }
     let cap = MAX_PENDING_BYTES.load(Relaxed);
-    cap == 0 || crate::stats().pending_bytes.load(Relaxed) <= cap
+    cap == 0 || crate::stats::get().pending_bytes.load(Relaxed) <= cap
 }
 
 /// Whether a SET should fail when the host is down.

@@ -72,7 +72,7 @@ unsafe extern "C" fn rdb_save(rdb: *mut RedisModuleIO, value: *mut c_void) {
         // snapshot records it as lost, and loads as lost (reads say UTMEMLOST).
         Err(e @ (FetchError::Lost | FetchError::Corrupt(_))) => {
             if let FetchError::Corrupt(why) = &e {
-                crate::log_warning(&format!(
+                crate::raw::log_warning(&format!(
                     "utmem: object {} is saved as lost: {why}",
                     s.0.oid
                 ));
@@ -81,7 +81,7 @@ unsafe extern "C" fn rdb_save(rdb: *mut RedisModuleIO, value: *mut c_void) {
         }
         // Only unreachable: it may come back, so a snapshot must not call it lost.
         Err(FetchError::Down(why)) if crate::raw::in_fork_child() => {
-            crate::log_warning(&format!(
+            crate::raw::log_warning(&format!(
                 "utmem: BGSAVE/replication snapshot aborted: object {} is on a host that cannot be reached ({why}); retry once the host is back",
                 s.0.oid
             ));
@@ -92,7 +92,7 @@ unsafe extern "C" fn rdb_save(rdb: *mut RedisModuleIO, value: *mut c_void) {
             // A save on the main thread cannot fail from here; SAVE, SHUTDOWN and DEBUG
             // RELOAD are refused up front while the host does not answer (see filter.rs),
             // so this is a host that went away during the save.
-            crate::log_warning(&format!(
+            crate::raw::log_warning(&format!(
                 "utmem: object {} could not be read for SAVE ({why}); it is saved as lost",
                 s.0.oid
             ));
@@ -140,13 +140,13 @@ unsafe extern "C" fn aof_rewrite(
         Ok(b) => unsafe { emit_set(aof, key, &b) },
         // An AOF has no way to say "lost": the key is left out (logged).
         Err(e @ (FetchError::Lost | FetchError::Corrupt(_))) => {
-            crate::log_warning(&format!(
+            crate::raw::log_warning(&format!(
                 "utmem: object {} is lost ({e:?}); the AOF rewrite leaves its key out",
                 s.0.oid
             ));
         }
         Err(FetchError::Down(why)) => {
-            crate::log_warning(&format!(
+            crate::raw::log_warning(&format!(
                 "utmem: AOF rewrite aborted: object {} is on a host that cannot be reached ({why})",
                 s.0.oid
             ));

@@ -22,7 +22,7 @@ fn is(word: Option<&[u8]>, name: &str) -> bool {
 
 /// Whether some values live only on a host that does not answer now.
 fn values_unreachable() -> bool {
-    crate::stats().offloaded_values.load(Relaxed) > 0 && !crate::io::host_answers()
+    crate::stats::get().offloaded_values.load(Relaxed) > 0 && !crate::io::host_answers()
 }
 
 /// The filter: SAVE, SHUTDOWN that would save, DEBUG RELOAD, DUMP, MIGRATE.
@@ -60,7 +60,7 @@ pub fn refuse_unreadable_saves(args: &FilterArgs) {
         "UTMEMDOWN {what} refused: {} offloaded values are on a host that does not answer now, \
          and this save would have to record them as lost. Retry once the host is back \
          (INFO utmem: utmem_connected), use BGSAVE (it fails instead), or SHUTDOWN NOSAVE",
-        crate::stats().offloaded_values.load(Relaxed)
+        crate::stats::get().offloaded_values.load(Relaxed)
     );
     args.replace_all(&[b"utmem.refused", why.as_bytes()]);
 }

@@ -2,14 +2,23 @@
 //!
 //! Large values move out of Redis into a memory pool on the VM host:
 //! `UTMEM.SET` keeps a stub in the keyspace (a real data type, so DEL, EXPIRE,
-//! RENAME, COPY, SCAN, FLUSHALL, RDB, AOF and replication all work) and hands
-//! the bytes to an I/O thread that PUTs them to `utmem-hostd` through
-//! `utmem-client`; `UTMEM.GET` of an offloaded value blocks only its own client
-//! while the I/O thread fetches it. Values below `threshold` stay in Redis as
+//! RENAME, COPY, SCAN, FLUSHALL, RDB, AOF and replication all work) and PUTs the
+//! bytes to `utmem-hostd` through `utmem-client`: through a shared-memory channel
+//! from the main thread when the host offers one, else through an I/O thread;
+//! `UTMEM.GET` reads the host's mapped arena, or blocks only its own client while
+//! the I/O thread fetches the value. Values below `threshold` stay in Redis as
 //! plain strings. Redis's main thread never waits for the host on the normal
 //! path; see `docs/module.md` for the contract.
+//!
+//! Layers, each using only those below it:
+//! 1. [`raw`] (Redis module API calls the `redis-module` crate lacks), [`config`],
+//!    [`stats`];
+//! 2. [`slot`]: a value's state machine (pending, local, remote, lost, copy of);
+//! 3. [`io`]: the host I/O (shared state, mapped reads, the socket I/O thread, the
+//!    channel);
+//! 4. the commands ([`commands`], [`recall`], [`gather`]), the data type's callbacks
+//!    ([`datatype`]), the save guard ([`filter`]), and the registration (`module`).
 
-pub mod chan;
 pub mod commands;
 pub mod config;
 pub mod datatype;
@@ -25,23 +34,10 @@ pub mod slot;
 pub mod stats;
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::LazyLock;
 
 use redis_module::{InfoContext, RedisResult};
 
-use crate::stats::Stats;
-
-static STATS: LazyLock<Stats> = LazyLock::new(Stats::default);
-
-/// The module's counters.
-pub fn stats() -> &'static Stats {
-    &STATS
-}
-
-/// Logs a warning to the Redis log.
-pub fn log_warning(msg: &str) {
-    redis_module::logging::log_warning(msg);
-}
+pub use stats::get as stats;
 
 /// The fields of INFO utmem and UTMEM.STATS.
 pub fn info_fields() -> Vec<(&'static str, String)> {
@@ -57,10 +53,15 @@ pub fn info_fields() -> Vec<(&'static str, String)> {
         ("connected", u8::from(io::connected()).to_string()),
         (
             "path",
-            if chan::in_use() { "channel" } else { "socket" }.to_owned(),
+            if io::chan::in_use() {
+                "channel"
+            } else {
+                "socket"
+            }
+            .to_owned(),
         ),
-        ("channel_requests", c(&chan::SUBMITTED)),
-        ("channel_kicks", c(&chan::KICKS)),
+        ("channel_requests", c(&io::chan::SUBMITTED)),
+        ("channel_kicks", c(&io::chan::KICKS)),
         ("threshold", config::threshold().to_string()),
         ("offloaded_values", g(&s.offloaded_values)),
         ("offloaded_bytes", g(&s.offloaded_bytes)),

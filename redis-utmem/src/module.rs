@@ -33,7 +33,7 @@ fn on_timeout_changed(
 }
 
 fn on_fork(born: bool) {
-    crate::chan::set_fork_running(born);
+    io::chan::set_fork_running(born);
     io::send(io::Job::Fork(born));
 }
 
@@ -108,10 +108,11 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
     if !raw::register_filter(ctx, crate::filter::refuse_unreadable_saves) {
         ctx.log_warning("utmem: cannot register the command filter that guards SAVE");
     }
-    raw::track_forks();
+    raw::set_module_type(crate::datatype::raw_type);
+    raw::track_forks(crate::slot::fork_gate::close, crate::slot::fork_gate::open);
     raw::set_module_options(ctx);
     raw::on_fork_child(ctx, on_fork);
-    raw::on_before_sleep(ctx, crate::chan::before_sleep);
+    raw::on_before_sleep(ctx, io::chan::before_sleep);
     match io::start(&spec, &pool, config::timeout()) {
         Ok(m) => {
             ctx.log_notice(&format!(

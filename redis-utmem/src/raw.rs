@@ -219,6 +219,26 @@ impl Drop for MainBlocked {
     }
 }
 
+/// The value type of the module's data type: every value Redis holds under that
+/// type is a `Box` of it.
+///
+/// # Safety
+/// Implemented by exactly one type, the one the data type's callbacks take.
+pub unsafe trait ModuleValue {}
+
+/// Where our data type's pointer comes from (set at load, before any command).
+static OUR_TYPE: std::sync::OnceLock<fn() -> *mut raw::RedisModuleType> =
+    std::sync::OnceLock::new();
+
+/// Names the module's data type: `f` gives its pointer once it is registered.
+pub fn set_module_type(f: fn() -> *mut raw::RedisModuleType) {
+    OUR_TYPE.get_or_init(|| f);
+}
+
+fn our_type() -> *mut raw::RedisModuleType {
+    OUR_TYPE.get().map_or(ptr::null_mut(), |f| f())
+}
+
 /// What a key holds.
 #[derive(Debug, PartialEq, Eq)]
 pub enum KeyKind {
@@ -267,26 +287,22 @@ impl Key {
         match isize::try_from(t).unwrap_or(-1) {
             raw::REDISMODULE_KEYTYPE_EMPTY => KeyKind::Empty,
             raw::REDISMODULE_KEYTYPE_STRING => KeyKind::String,
-            raw::REDISMODULE_KEYTYPE_MODULE
-                if self.module_type() == crate::datatype::raw_type() =>
-            {
-                KeyKind::Ours
-            }
+            raw::REDISMODULE_KEYTYPE_MODULE if self.module_type() == our_type() => KeyKind::Ours,
             _ => KeyKind::Other,
         }
     }
 
-    /// The stub of a utmem value.
-    pub fn stub(&self) -> Option<&crate::slot::Stub> {
+    /// The value of our module type this key holds.
+    pub fn stub<T: ModuleValue>(&self) -> Option<&T> {
         if self.kind() != KeyKind::Ours {
             return None;
         }
-        // SAFETY: the key holds our module type, whose values are always `Box<Stub>`
-        // pointers; the stub lives as long as the key stays open and unmodified, which
-        // the borrow of `self` ensures.
+        // SAFETY: the key holds our module type, whose values are always `Box<T>`
+        // pointers (the `ModuleValue` contract); the value lives as long as the key
+        // stays open and unmodified, which the borrow of `self` ensures.
         unsafe {
             let p = raw::RedisModule_ModuleTypeGetValue.expect("api")(self.key);
-            p.cast::<crate::slot::Stub>().as_ref()
+            p.cast::<T>().as_ref()
         }
     }
 
@@ -329,23 +345,19 @@ impl Key {
     }
 
     /// Replaces the value with a utmem stub (TTL cleared).
-    pub fn set_stub(&self, stub: crate::slot::Stub) {
+    pub fn set_stub<T: ModuleValue>(&self, stub: T) {
         let p = Box::into_raw(Box::new(stub)).cast::<c_void>();
         // SAFETY: the key is open for writing; ownership of the box passes to Redis,
         // which frees it through our type's `free` callback.
         unsafe {
-            raw::RedisModule_ModuleTypeSetValue.expect("api")(
-                self.key,
-                crate::datatype::raw_type(),
-                p,
-            );
+            raw::RedisModule_ModuleTypeSetValue.expect("api")(self.key, our_type(), p);
         }
     }
 
     /// Replaces the stub of a key that already holds a utmem value, in place: no
     /// delete and re-add (so no `new` keyspace event), TTL kept. `false` (and the
     /// stub dropped) if the key does not hold a utmem value.
-    pub fn replace_stub(&self, stub: crate::slot::Stub) -> bool {
+    pub fn replace_stub<T: ModuleValue>(&self, stub: T) -> bool {
         if self.kind() != KeyKind::Ours {
             return false;
         }
@@ -356,16 +368,16 @@ impl Key {
         unsafe {
             let ok = raw::RedisModule_ModuleTypeReplaceValue.expect("api")(
                 self.key,
-                crate::datatype::raw_type(),
+                our_type(),
                 p,
                 &mut old,
             ) == REDISMODULE_OK;
             if !ok {
-                drop(Box::from_raw(p.cast::<crate::slot::Stub>()));
+                drop(Box::from_raw(p.cast::<T>()));
                 return false;
             }
             if !old.is_null() {
-                drop(Box::from_raw(old.cast::<crate::slot::Stub>()));
+                drop(Box::from_raw(old.cast::<T>()));
             }
         }
         true
@@ -486,6 +498,11 @@ pub fn rdb_load(rdb: *mut RedisModuleIO) -> Option<(u64, Bytes)> {
     let flag = raw::load_unsigned(rdb).ok()?;
     let buf = raw::load_string_buffer(rdb).ok()?;
     Some((flag, Bytes::copy_from_slice(buf.as_ref())))
+}
+
+/// Logs a warning to the Redis log.
+pub fn log_warning(msg: &str) {
+    redis_module::logging::log_warning(msg);
 }
 
 /// Declares that rdb_load copes with I/O errors (diskless replica load), and that the
@@ -761,24 +778,38 @@ pub fn set_command_info(
 
 static IN_FORK_CHILD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// What runs around a fork: before it, and after it (in parent and child).
+type ForkHooks = (fn(), fn());
+static FORK_HOOKS: std::sync::OnceLock<ForkHooks> = std::sync::OnceLock::new();
+
 extern "C" fn before_fork() {
-    crate::slot::fork_gate::close();
+    if let Some((close, _)) = FORK_HOOKS.get() {
+        close();
+    }
 }
 
 extern "C" fn after_fork_parent() {
-    crate::slot::fork_gate::open();
+    if let Some((_, open)) = FORK_HOOKS.get() {
+        open();
+    }
 }
 
 extern "C" fn mark_fork_child() {
     IN_FORK_CHILD.store(true, std::sync::atomic::Ordering::Relaxed);
-    crate::slot::fork_gate::open();
+    if let Some((_, open)) = FORK_HOOKS.get() {
+        open();
+    }
 }
 
 /// Arranges for [`in_fork_child`] to turn true in every forked child (getpid is a
-/// syscall on every call with today's glibc; this is a load).
-pub fn track_forks() {
-    // SAFETY: registers handlers that only touch atomics (async-signal-safe, as fork
-    // handlers must be); prepare waits for slot locks to be released (see slot.rs).
+/// syscall on every call with today's glibc; this is a load), with `prepare` run
+/// before each fork and `done` after it, in parent and child (they must only touch
+/// atomics: fork handlers must be async-signal-safe).
+pub fn track_forks(prepare: fn(), done: fn()) {
+    if FORK_HOOKS.set((prepare, done)).is_err() {
+        return; // registered already
+    }
+    // SAFETY: registers handlers that only touch atomics and call the hooks above.
     unsafe {
         libc::pthread_atfork(
             Some(before_fork),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use redis_module::{Context, RedisString, RedisValue, ThreadSafeContext};
 
 use crate::raw::{select_db, Key};
-use crate::slot::Slot;
+use crate::slot::{Slot, Stub};
 
 fn bytes_of(v: &RedisValue) -> Option<Vec<u8>> {
     match v {
@@ -40,7 +40,7 @@ fn scan(ctx: &Context, db: i32, cursor: &str) -> Option<(String, Vec<Found>)> {
             let Some(name) = bytes_of(k) else { continue };
             let rs = RedisString::create_from_slice(ctx.ctx, &name);
             let key = Key::open(ctx, &rs);
-            if let Some(s) = key.stub() {
+            if let Some(s) = key.stub::<Stub>() {
                 found.push((name, Arc::clone(&s.0)));
             }
         }
@@ -50,7 +50,7 @@ fn scan(ctx: &Context, db: i32, cursor: &str) -> Option<(String, Vec<Found>)> {
 
 /// Recalls every utmem value of databases `0..dbs`.
 pub fn run_all(dbs: i32) {
-    let stats = crate::stats();
+    let stats = crate::stats::get();
     for db in 0..dbs {
         let mut cursor = "0".to_owned();
         loop {
@@ -73,7 +73,7 @@ pub fn run_all(dbs: i32) {
                 if select_db(&ctx, db) {
                     for (name, slot, b) in &fetched {
                         let rs = RedisString::create_from_slice(ctx.ctx, name);
-                        if crate::commands::recall_key(&ctx, &rs, slot, b) {
+                        if recall_key(&ctx, &rs, slot, b) {
                             stats.recalled.fetch_add(1, Relaxed);
                         }
                     }
@@ -85,4 +85,28 @@ pub fn run_all(dbs: i32) {
             cursor = next;
         }
     }
+}
+
+/// Makes `name` a plain string again if it still holds `slot`, and propagates that as
+/// the plain write it is (`SET key value [PXAT ms]`). Main thread (or GIL held).
+pub fn recall_key(ctx: &Context, name: &RedisString, slot: &Arc<Slot>, bytes: &[u8]) -> bool {
+    let key = Key::open(ctx, name);
+    if !key.stub::<Stub>().is_some_and(|s| Arc::ptr_eq(&s.0, slot)) {
+        return false;
+    }
+    let at = key.abs_expire_ms();
+    drop(key);
+    let value = RedisString::create_from_slice(ctx.ctx, bytes);
+    let keep = RedisString::create(None, "KEEPTTL");
+    // SET itself replaces the key in place, keeps its TTL and signals it.
+    let _ = ctx.call("SET", &[name, &value, &keep][..]);
+    match at {
+        Some(at) => {
+            let pxat = RedisString::create(None, "PXAT");
+            let at = RedisString::create(None, at.to_string());
+            ctx.replicate("SET", &[name, &value, &pxat, &at][..]);
+        }
+        None => ctx.replicate("SET", &[name, &value][..]),
+    }
+    true
 }

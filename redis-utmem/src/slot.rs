@@ -1,13 +1,14 @@
 //! A utmem value: the stub Redis keeps in its keyspace, and the slot it shares
-//! with the I/O thread.
+//! with the host I/O (a plain state machine; it does no I/O itself).
 //!
 //! The stub holds an `Arc<Slot>`. The slot's state moves from *pending* (the
 //! bytes are in Redis while the PUT is in flight) to *remote* (the host
-//! acknowledged; the bytes are dropped right there, on the I/O side, without
-//! Redis's global lock) or to *local* (host down or full: the bytes stay in
+//! acknowledged; the bytes are dropped right there, on whichever thread saw the
+//! acknowledgement) or to *local* (host down or full: the bytes stay in
 //! Redis and are offered again later). The main thread reads the state under
 //! the slot's own small mutex. When the last reference to a slot goes, the
-//! host copy is flushed (after every job that still used it).
+//! host copy is flushed (after every job that still used it) by the hook the I/O
+//! layer installed ([`on_unreferenced`]).
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -53,6 +54,16 @@ pub struct Slot {
     fell_back: AtomicBool,
 }
 
+/// Called with the object id of a value that went to the host once its last
+/// reference is gone (the host copy must be flushed): set by the I/O layer.
+static ON_UNREFERENCED: std::sync::OnceLock<fn(u64)> = std::sync::OnceLock::new();
+
+/// Has `f` called with the object id of each value that reached the host, once the
+/// value's last reference is gone.
+pub fn on_unreferenced(f: fn(u64)) {
+    ON_UNREFERENCED.get_or_init(|| f);
+}
+
 /// What a reader finds.
 #[derive(Debug, Clone)]
 pub enum Read {
@@ -67,7 +78,7 @@ pub enum Read {
 impl Slot {
     /// A value whose PUT is about to be submitted.
     pub fn pending(oid: u64, bytes: Bytes) -> Arc<Slot> {
-        let s = crate::stats();
+        let s = crate::stats::get();
         Stats::add(&s.pending, 1);
         Stats::add(&s.pending_bytes, len_i64(bytes.len()));
         Arc::new(Slot {
@@ -81,7 +92,7 @@ impl Slot {
 
     /// A value whose bytes stay in Redis (below the threshold where it was loaded).
     pub fn local(oid: u64, bytes: Bytes) -> Arc<Slot> {
-        Stats::add(&crate::stats().inline_values, 1);
+        Stats::add(&crate::stats::get().inline_values, 1);
         Arc::new(Slot {
             oid,
             len: bytes.len(),
@@ -107,7 +118,7 @@ impl Slot {
     pub fn copied(&self, crc: u32) {
         let mut st = self.lock();
         if let State::CopyOf(_) = &*st {
-            let s = crate::stats();
+            let s = crate::stats::get();
             Stats::add(&s.offloaded_values, 1);
             Stats::add(&s.offloaded_bytes, len_i64(self.len));
             *st = State::Remote { crc, at: None };
@@ -126,7 +137,7 @@ impl Slot {
 
     /// A value an RDB could not include.
     pub fn lost(oid: u64) -> Arc<Slot> {
-        Stats::add(&crate::stats().lost_values, 1);
+        Stats::add(&crate::stats::get().lost_values, 1);
         Arc::new(Slot {
             oid,
             len: 0,
@@ -141,7 +152,7 @@ impl Slot {
     pub fn mark_lost(&self) {
         let mut st = self.lock();
         if let State::Remote { .. } = &*st {
-            let s = crate::stats();
+            let s = crate::stats::get();
             Stats::add(&s.offloaded_values, -1);
             Stats::add(&s.offloaded_bytes, -len_i64(self.len));
             Stats::add(&s.lost_values, 1);
@@ -183,15 +194,6 @@ impl Slot {
         src.placement()
     }
 
-    /// Like [`Slot::read`], but a remote value of at most `mapped_max` bytes that
-    /// sits in the mapped arena is copied from there (no round trip).
-    pub fn read_near(&self, mapped_max: usize) -> Read {
-        match crate::io::read_mapped(self, mapped_max) {
-            Some(b) => Read::Here(b),
-            None => self.read(),
-        }
-    }
-
     /// The bytes to PUT, if this value still needs to go to the host (pending, or
     /// local and being offered again, in which case it becomes pending).
     pub fn take_for_put(&self) -> Option<Bytes> {
@@ -200,7 +202,7 @@ impl Slot {
             State::Pending(b) => b.clone(),
             State::Local(b) => {
                 let b = b.clone();
-                let s = crate::stats();
+                let s = crate::stats::get();
                 Stats::add(&s.inline_values, -1);
                 Stats::add(&s.pending, 1);
                 Stats::add(&s.pending_bytes, len_i64(b.len()));
@@ -223,7 +225,7 @@ impl Slot {
     pub fn acked(&self, crc: u32, at: Option<Placement>) {
         let mut st = self.lock();
         if let State::Pending(_) = &*st {
-            let s = crate::stats();
+            let s = crate::stats::get();
             Stats::add(&s.pending, -1);
             Stats::add(&s.pending_bytes, -len_i64(self.len));
             Stats::add(&s.offloaded_values, 1);
@@ -237,7 +239,7 @@ impl Slot {
         let mut st = self.lock();
         if let State::Pending(b) = &*st {
             let b = b.clone();
-            let s = crate::stats();
+            let s = crate::stats::get();
             Stats::add(&s.pending, -1);
             Stats::add(&s.pending_bytes, -len_i64(self.len));
             Stats::add(&s.inline_values, 1);
@@ -257,7 +259,7 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let s = crate::stats();
+        let s = crate::stats::get();
         match &*self.lock() {
             State::Pending(_) => {
                 Stats::add(&s.pending, -1);
@@ -272,7 +274,9 @@ impl Drop for Slot {
             State::CopyOf(_) => {}
         }
         if self.submitted.load(Relaxed) {
-            crate::io::flush(self.oid);
+            if let Some(flush) = ON_UNREFERENCED.get() {
+                flush(self.oid);
+            }
         }
     }
 }
@@ -356,6 +360,10 @@ pub mod fork_gate {
 #[derive(Debug, Clone)]
 pub struct Stub(pub Arc<Slot>);
 
+// SAFETY: `Stub` is the only type our data type stores (datatype.rs's callbacks take
+// `Box<Stub>`).
+unsafe impl crate::raw::ModuleValue for Stub {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -367,7 +375,7 @@ mod tests {
     /// would find it locked (and stay blocked forever).
     #[test]
     fn a_fork_never_inherits_a_held_slot_lock() {
-        crate::raw::track_forks();
+        crate::raw::track_forks(fork_gate::close, fork_gate::open);
         let slot = Slot::pending(1, Bytes::from_static(b"value"));
         let stop = Arc::new(AtomicBool::new(false));
         let holder = {

@@ -2,6 +2,14 @@
 //! main thread, the I/O thread and the client's reader thread.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::LazyLock;
+
+static STATS: LazyLock<Stats> = LazyLock::new(Stats::default);
+
+/// The module's counters.
+pub fn get() -> &'static Stats {
+    &STATS
+}
 
 /// Current totals and monotonic counters.
 #[derive(Debug, Default)]

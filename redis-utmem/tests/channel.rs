@@ -23,7 +23,17 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 #[test]
 fn set_answers_from_the_ring_and_a_stopped_then_killed_host_loses_nothing() {
     let mut d = Daemon::start(&[]);
-    let r = Redis::start(&["transport", &d.spec(), "threshold", "1024"], &[]);
+    let r = Redis::start(
+        &[
+            "transport",
+            &d.spec(),
+            "threshold",
+            "1024",
+            "channel",
+            "yes",
+        ],
+        &[],
+    );
     let mut c = r.conn();
     let before = pattern(1, 20_000);
     let _: () = redis::cmd("UTMEM.SET")
@@ -131,7 +141,17 @@ fn a_daemon_without_channels_is_served_over_the_socket() {
 #[test]
 fn redis_killed_mid_stream_leaves_nothing_behind() {
     let d = Daemon::start(&[]);
-    let mut r = Redis::start(&["transport", &d.spec(), "threshold", "1024"], &[]);
+    let mut r = Redis::start(
+        &[
+            "transport",
+            &d.spec(),
+            "threshold",
+            "1024",
+            "channel",
+            "yes",
+        ],
+        &[],
+    );
     let pool = r.pool();
     let port = r.port;
     let writer = thread::spawn(move || {

@@ -321,6 +321,12 @@ fn on_host_down_error_covers_a_hung_host() {
         &[],
     );
     let mut c = r.conn();
+    // Until the first connection is made, `error` refuses SETs too.
+    let t0 = Instant::now();
+    while r.info("utmem", "utmem_connected") != "1" {
+        assert!(t0.elapsed() < Duration::from_secs(10), "never connected");
+        thread::sleep(Duration::from_millis(10));
+    }
     assert_eq!(
         utmem_set(&mut c, "before", &pattern(1, 5000)).unwrap(),
         "OK"

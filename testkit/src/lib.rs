@@ -452,6 +452,11 @@ impl Redis {
         if !module_args.contains(&"--no-module") {
             args.push("--loadmodule".into());
             args.push(module_path().display().to_string());
+            // Options for a whole run (e.g. `channel no`), before the test's own,
+            // which win.
+            if let Ok(run) = std::env::var("UTMEM_MODULE_ARGS") {
+                args.extend(run.split_whitespace().map(str::to_owned));
+            }
             args.extend(module_args.iter().map(|s| s.to_string()));
         }
         args.extend(extra.iter().map(|s| s.to_string()));

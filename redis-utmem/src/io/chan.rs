@@ -26,6 +26,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use utmem_client::proto::{Key, Placement, PoolId, Status};
 use utmem_client::Channel;
 
+use super::shared::{remember_for_retry, shared};
+use super::socket::{send, Job};
 use crate::slot::Slot;
 use crate::stats::Stats;
 
@@ -88,14 +90,14 @@ fn abandon(live: Live, grave: &mut Grave) {
                 fall_back(&slot, false);
                 grave.push(slot);
             }
-            Work::Flush(oid) => crate::io::send(crate::io::Job::Flush(oid)),
+            Work::Flush(oid) => send(Job::Flush(oid)),
         }
     }
 }
 
 fn fall_back(slot: &Arc<Slot>, full: bool) {
     if slot.first_fallback() {
-        let s = crate::stats();
+        let s = crate::stats::get();
         Stats::bump(if full {
             &s.no_space_fallbacks
         } else {
@@ -103,13 +105,13 @@ fn fall_back(slot: &Arc<Slot>, full: bool) {
         });
     }
     slot.keep_local();
-    crate::io::remember_for_retry(slot);
+    remember_for_retry(slot);
 }
 
 /// The live channel, after switching to the client's current one if the connection
 /// changed (the old one's requests are abandoned). Main thread or any thread.
 fn current<'a>(g: &'a mut Option<Live>, grave: &mut Grave) -> Option<&'a mut Live> {
-    let shared = crate::io::shared()?;
+    let shared = shared()?;
     let now = shared.client.channel();
     let same = match (&*g, &now) {
         (Some(l), Some((ch, gen))) => l.gen == *gen && Arc::ptr_eq(&l.ch, ch) && !ch.is_dead(),
@@ -149,7 +151,7 @@ pub fn put(slot: Arc<Slot>) -> Result<(), Arc<Slot>> {
     // Bytes waiting for the host (this value's included) stay within
     // `max-pending-bytes`: beyond it, the socket path waits for the host.
     let cap = crate::config::MAX_PENDING_BYTES.load(Relaxed);
-    if cap > 0 && crate::stats().pending_bytes.load(Relaxed) > cap {
+    if cap > 0 && crate::stats::get().pending_bytes.load(Relaxed) > cap {
         return Err(slot);
     }
     let mut grave = Grave::new();

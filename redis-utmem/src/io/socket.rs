@@ -1,8 +1,8 @@
-//! The module's I/O thread: Redis's main thread hands it jobs over a channel and
-//! returns at once; the thread batches what it collected into one
-//! `submit_many` (one vectored write), and completions run on the client's
-//! reader thread, which finishes slots and replies to blocked clients without
-//! Redis's global lock.
+//! The module's I/O thread, for everything a channel does not carry: Redis's main
+//! thread (or a free callback on any thread) hands it jobs and returns at once; the
+//! thread batches what it collected into one `submit_many` (one vectored write), and
+//! completions run on the client's reader thread, which finishes slots and replies to
+//! blocked clients without Redis's global lock. Also the synchronous fetches of saves.
 //!
 //! It also holds back host FLUSHes while a fork child (BGSAVE, AOF rewrite,
 //! full sync) may still read the values, offers values kept in Redis to the
@@ -11,13 +11,17 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use utmem_client::proto::{Key, Placement, Status};
-use utmem_client::{Client, ClientError, Completion, Options, Pool, Request, Response};
+use utmem_client::proto::{Key, Status};
+use utmem_client::{Client, ClientError, Completion, Pool, Request, Response};
 
+use super::mapped::read_mapped;
+use super::shared::{
+    client_here, in_parent, lock, micros, note_answer, remember_for_retry, shared, HOST_ANSWERS,
+};
 use crate::raw::Val;
 use crate::slot::{Read, Slot};
 use crate::stats::Stats;
@@ -59,160 +63,35 @@ pub enum Job {
 /// What a waiting UTMEM.SET is told when its PUT is done.
 pub type PutDone = Box<dyn FnOnce(Result<(), Val>) + Send>;
 
-/// False from a request that found the host unreachable or timed out until the next
-/// request the host answers: while false, `on-host-down error` refuses at once.
-static HOST_ANSWERS: AtomicBool = AtomicBool::new(true);
-
-/// Whether the host answered the last requests (as far as the module knows, without I/O).
-pub fn host_answers() -> bool {
-    HOST_ANSWERS.load(Relaxed) && connected()
-}
-
-fn note_answer<T>(r: &Result<T, ClientError>) {
-    match r {
-        Ok(_) | Err(ClientError::Refused { .. }) => HOST_ANSWERS.store(true, Relaxed),
-        Err(ClientError::Timeout(_) | ClientError::Unreachable { .. }) => {
-            HOST_ANSWERS.store(false, Relaxed)
-        }
-        Err(_) => {}
-    }
-}
-
-/// Process-wide state of the loaded module.
-#[allow(missing_debug_implementations)] // holds the job channel
-pub struct Shared {
-    /// The connection to the host.
-    pub client: Client,
-    /// The module's persistent pool.
-    pub pool: Pool,
-    /// Its name.
-    pub pool_name: String,
-    /// The transport spec.
-    pub spec: String,
-    /// `Sender` is `Sync`: every thread sends without a lock of ours.
-    tx: Sender<Job>,
-    next_oid: std::sync::atomic::AtomicU64,
-    /// Bytes of PUTs submitted and not yet answered.
-    inflight_bytes: AtomicI64,
-    waiting: AtomicBool,
-    retry: Mutex<Vec<Weak<Slot>>>,
-}
-
-static SHARED: OnceLock<Shared> = OnceLock::new();
 /// How long the I/O thread collects jobs after the first one woke it.
 const LINGER: Duration = Duration::from_micros(20);
-static CHILD: Mutex<Option<(u32, Client, Pool)>> = Mutex::new(None);
+/// The I/O thread's queue (`Sender` is `Sync`: every thread sends without a lock of ours).
+static TX: OnceLock<Mutex<Sender<Job>>> = OnceLock::new();
+/// Bytes of PUTs submitted and not yet answered.
+static INFLIGHT_BYTES: AtomicI64 = AtomicI64::new(0);
+/// PUTs wait for `max-pending-bytes`.
+static WAITING: AtomicBool = AtomicBool::new(false);
 
-/// The module's state; `None` before OnLoad finished.
-pub fn shared() -> Option<&'static Shared> {
-    SHARED.get()
-}
-
-fn in_parent() -> bool {
-    !crate::raw::in_fork_child()
-}
-
-/// Starts the I/O thread and connects (a host that is down now is retried later).
-/// The pool is emptied the first time it is opened: RDB and AOF are the source of truth.
-pub fn start(spec: &str, pool_name: &str, timeout: Duration) -> Result<&'static Shared, String> {
-    let client = Client::connect_lazy(
-        spec,
-        Options {
-            timeout,
-            map: true,
-            channel: crate::config::CHANNEL.load(Relaxed),
-            ..Options::default()
-        },
-    )
-    .map_err(|e| e.to_string())?;
-    let pool = client.register_pool(
-        utmem_client::proto::PoolKind::Private(pool_name.to_owned()),
-        false,
-        true,
-    );
+/// Starts the I/O thread.
+pub(super) fn spawn(client: Client, pool: Pool) -> Result<(), String> {
     let (tx, rx) = mpsc::channel();
-    let now_us = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(1));
-    let state = Shared {
-        client: client.clone(),
-        pool,
-        pool_name: pool_name.to_owned(),
-        spec: spec.to_owned(),
-        tx,
-        // Fresh object ids across restarts too, even if the pool could not be emptied.
-        next_oid: std::sync::atomic::AtomicU64::new(now_us),
-        inflight_bytes: AtomicI64::new(0),
-        waiting: AtomicBool::new(false),
-        retry: Mutex::new(Vec::new()),
-    };
-    if SHARED.set(state).is_err() {
-        return Err("the module is already loaded in this process".into());
+    if TX.set(Mutex::new(tx)).is_err() {
+        return Err("the I/O thread runs already".into());
     }
     std::thread::Builder::new()
         .name("utmem-io".into())
         .spawn(move || run(rx, client, pool))
         .map_err(|e| format!("cannot start the I/O thread: {e}"))?;
-    shared().ok_or_else(|| "not initialised".to_owned())
-}
-
-/// A fresh object id.
-pub fn next_oid() -> u64 {
-    shared().map_or(0, |s| s.next_oid.fetch_add(1, Relaxed))
+    Ok(())
 }
 
 /// Hands a job to the I/O thread (from any thread of the parent process).
 pub fn send(job: Job) {
-    if let Some(s) = shared() {
+    if let Some(tx) = TX.get() {
         if in_parent() {
-            let _ = s.tx.send(job);
+            let _ = lock(tx).send(job);
         }
     }
-}
-
-/// Flushes an object on the host (deferred while a fork child runs).
-pub fn flush(oid: u64) {
-    if !crate::chan::flush(oid) {
-        send(Job::Flush(oid));
-    }
-}
-
-/// Whether the host is reachable right now, as far as the client knows.
-pub fn connected() -> bool {
-    shared().is_some_and(|s| s.client.is_connected())
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// The client to use from this process: the module's own in Redis, a fresh one
-/// (its own connection, same identity and pool) in a fork child, whose copy of the
-/// parent's client has no threads behind it.
-fn client_here() -> Option<(Client, Pool)> {
-    let s = shared()?;
-    if in_parent() {
-        return Some((s.client.clone(), s.pool));
-    }
-    let pid = std::process::id();
-    let mut child = lock(&CHILD);
-    if let Some((p, c, pool)) = child.as_ref() {
-        if *p == pid {
-            return Some((c.clone(), *pool));
-        }
-    }
-    let opts = Options {
-        timeout: crate::config::timeout(),
-        ..Options::default()
-    };
-    let c = Client::connect_lazy(&s.spec, opts).ok()?;
-    let pool = c.register_pool(
-        utmem_client::proto::PoolKind::Private(s.pool_name.clone()),
-        false,
-        false,
-    );
-    *child = Some((pid, c.clone(), pool));
-    Some((c, pool))
 }
 
 /// Why a synchronous fetch failed.
@@ -292,64 +171,9 @@ pub fn fetch_sync(slot: &Slot) -> Result<Bytes, FetchError> {
     }
 }
 
-/// Where `slot` sits in the mapped arena and the client that maps it, if it is to be
-/// read from there: placed, at most `max` bytes, and this is not a fork child (which
-/// must not touch the parent's client).
-fn mapped_at(slot: &Slot, max: usize) -> Option<(Placement, &'static Client)> {
-    if max == 0 || slot.len > max || !in_parent() {
-        return None;
-    }
-    Some((slot.placement()?, &shared()?.client))
-}
-
-fn count_mapped(hit: bool) {
-    let stats = crate::stats();
-    Stats::bump(if hit {
-        &stats.mapped_reads
-    } else {
-        &stats.mapped_fallbacks
-    });
-}
-
-/// A copy of `slot`'s bytes from the host's mapped arena (no round trip); `None` if the
-/// value is not to be read from there (see [`mapped_at`]) or was not there any more
-/// (counted). The copy is volatile and its stamp checked after it, so these are never
-/// bytes that changed while they were read.
-pub fn read_mapped(slot: &Slot, max: usize) -> Option<Bytes> {
-    let (at, client) = mapped_at(slot, max)?;
-    let mut buf = Vec::new();
-    let hit = client.read_mapped(at, slot.len, &mut buf);
-    count_mapped(hit);
-    hit.then(|| Bytes::from(buf))
-}
-
-/// Replies to the command of `ctx` with `slot`'s bytes straight from the mapped arena:
-/// one copy, made by Redis into the client's reply. True if it replied.
-///
-/// Safe with the arena protocol: the stamp is checked with the reader word held, and
-/// the host never writes a value's bytes while a reader may be in them (it parks freed
-/// space until the reader word moves on). If the value was dropped while Redis copied,
-/// the reply is the value as it was when the read began, which is where this read
-/// takes effect.
-pub fn reply_mapped(ctx: &redis_module::Context, slot: &Slot, max: usize) -> bool {
-    let Some((at, client)) = mapped_at(slot, max) else {
-        return false;
-    };
-    let len = slot.len;
-    let mut replied = false;
-    let _ = client.with_mapped(at, len, |vs| {
-        let guard = vs.ptr_guard();
-        // SAFETY: the guard keeps the volatile slice's `len` bytes mapped until it drops.
-        unsafe { crate::raw::write_reply_from(ctx, guard.as_ptr(), len.min(vs.len())) };
-        replied = true;
-    });
-    count_mapped(replied);
-    replied
-}
-
 fn check(slot: &Slot, crc: u32, v: Bytes) -> Result<Bytes, Val> {
     if v.len() != slot.len || crc32fast::hash(&v) != crc {
-        Stats::bump(&crate::stats().checksum_errors);
+        Stats::bump(&crate::stats::get().checksum_errors);
         return Err(Val::Err(format!(
             "UTMEMCORRUPT the host returned {} bytes that do not match the stored checksum",
             v.len()
@@ -360,7 +184,7 @@ fn check(slot: &Slot, crc: u32, v: Bytes) -> Result<Bytes, Val> {
 
 /// The reply for a value known to be lost.
 pub fn lost_err() -> Val {
-    Stats::bump(&crate::stats().lost_reads);
+    Stats::bump(&crate::stats::get().lost_reads);
     Val::Err("UTMEMLOST the host no longer has this value (host restarted or pool dropped)".into())
 }
 
@@ -446,9 +270,7 @@ impl Io {
             Job::Put { slot, done } => {
                 if self.over_cap(slot.len) {
                     self.waiting.push_back(Job::Put { slot, done });
-                    if let Some(s) = shared() {
-                        s.waiting.store(true, Relaxed);
-                    }
+                    WAITING.store(true, Relaxed);
                 } else {
                     self.put(slot, done, batch);
                 }
@@ -462,7 +284,7 @@ impl Io {
                         key: Key::new(slot.oid, 0),
                     },
                     Box::new(move |r: Result<Response, ClientError>| {
-                        crate::stats().rtt_us(micros(t0));
+                        crate::stats::get().rtt_us(micros(t0));
                         note_answer(&r);
                         let out = match r {
                             Ok(Response::Value(v)) => check(&s2, crc, v),
@@ -534,9 +356,8 @@ impl Io {
     }
 
     fn over_cap(&self, len: usize) -> bool {
-        let Some(s) = shared() else { return false };
         let cap = crate::config::MAX_PENDING_BYTES.load(Relaxed);
-        let inflight = s.inflight_bytes.load(Relaxed);
+        let inflight = INFLIGHT_BYTES.load(Relaxed);
         cap > 0 && inflight > 0 && inflight + i64::try_from(len).unwrap_or(i64::MAX) > cap
     }
 
@@ -550,9 +371,7 @@ impl Io {
             }
         }
         if self.waiting.is_empty() {
-            if let Some(s) = shared() {
-                s.waiting.store(false, Relaxed);
-            }
+            WAITING.store(false, Relaxed);
         }
     }
 
@@ -570,9 +389,7 @@ impl Io {
         };
         let crc = crc32fast::hash(&bytes);
         let len = i64::try_from(bytes.len()).unwrap_or(i64::MAX);
-        if let Some(s) = shared() {
-            s.inflight_bytes.fetch_add(len, Relaxed);
-        }
+        INFLIGHT_BYTES.fetch_add(len, Relaxed);
         let t0 = Instant::now();
         let key = Key::new(slot.oid, 0);
         batch.push((
@@ -582,7 +399,7 @@ impl Io {
                 value: bytes,
             },
             Box::new(move |r: Result<Response, ClientError>| {
-                let stats = crate::stats();
+                let stats = crate::stats::get();
                 stats.rtt_us(micros(t0));
                 note_answer(&r);
                 let mut outcome = Ok(());
@@ -615,11 +432,9 @@ impl Io {
                         remember_for_retry(&slot);
                     }
                 }
-                if let Some(s) = shared() {
-                    s.inflight_bytes.fetch_sub(len, Relaxed);
-                    if s.waiting.load(Relaxed) {
-                        send(Job::Wake);
-                    }
+                INFLIGHT_BYTES.fetch_sub(len, Relaxed);
+                if WAITING.load(Relaxed) {
+                    send(Job::Wake);
                 }
                 if let Some(d) = done {
                     d(outcome);
@@ -650,15 +465,4 @@ impl Io {
             }
         }
     }
-}
-
-/// Offers `slot` (kept in Redis) to the host again later.
-pub fn remember_for_retry(slot: &Arc<Slot>) {
-    if let Some(s) = shared() {
-        lock(&s.retry).push(Arc::downgrade(slot));
-    }
-}
-
-fn micros(t0: Instant) -> u64 {
-    u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX)
 }

@@ -1,0 +1,144 @@
+//! What every part of the module's host I/O shares: the client, the pool, fresh object
+//! ids, whether the host answers, and the values to offer it again.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use utmem_client::proto::PoolKind;
+use utmem_client::{Client, ClientError, Options, Pool};
+
+use crate::slot::Slot;
+
+/// False from a request that found the host unreachable or timed out until the next
+/// request the host answers: while false, `on-host-down error` refuses at once.
+pub(super) static HOST_ANSWERS: AtomicBool = AtomicBool::new(true);
+
+/// Whether the host answered the last requests (as far as the module knows, without I/O).
+pub fn host_answers() -> bool {
+    HOST_ANSWERS.load(Relaxed) && connected()
+}
+
+pub(super) fn note_answer<T>(r: &Result<T, ClientError>) {
+    match r {
+        Ok(_) | Err(ClientError::Refused { .. }) => HOST_ANSWERS.store(true, Relaxed),
+        Err(ClientError::Timeout(_) | ClientError::Unreachable { .. }) => {
+            HOST_ANSWERS.store(false, Relaxed)
+        }
+        Err(_) => {}
+    }
+}
+
+/// Process-wide state of the loaded module.
+#[allow(missing_debug_implementations)] // holds the client
+pub struct Shared {
+    /// The connection to the host.
+    pub client: Client,
+    /// The module's persistent pool.
+    pub pool: Pool,
+    /// Its name.
+    pub pool_name: String,
+    /// The transport spec.
+    pub spec: String,
+    next_oid: AtomicU64,
+    /// Values kept in Redis, to offer to the host again.
+    pub(super) retry: Mutex<Vec<Weak<Slot>>>,
+}
+
+static SHARED: OnceLock<Shared> = OnceLock::new();
+static CHILD: Mutex<Option<(u32, Client, Pool)>> = Mutex::new(None);
+
+/// The module's state; `None` before OnLoad finished.
+pub fn shared() -> Option<&'static Shared> {
+    SHARED.get()
+}
+
+pub(super) fn in_parent() -> bool {
+    !crate::raw::in_fork_child()
+}
+
+/// Connects (a host that is down now is retried later) and registers the pool, which
+/// is emptied the first time it is opened: RDB and AOF are the source of truth.
+pub(super) fn init(
+    spec: &str,
+    pool_name: &str,
+    timeout: Duration,
+) -> Result<&'static Shared, String> {
+    let client = Client::connect_lazy(
+        spec,
+        Options {
+            timeout,
+            map: true,
+            channel: crate::config::CHANNEL.load(Relaxed),
+            ..Options::default()
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let pool = client.register_pool(PoolKind::Private(pool_name.to_owned()), false, true);
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(1));
+    let state = Shared {
+        client,
+        pool,
+        pool_name: pool_name.to_owned(),
+        spec: spec.to_owned(),
+        // Fresh object ids across restarts too, even if the pool could not be emptied.
+        next_oid: AtomicU64::new(now_us),
+        retry: Mutex::new(Vec::new()),
+    };
+    if SHARED.set(state).is_err() {
+        return Err("the module is already loaded in this process".into());
+    }
+    shared().ok_or_else(|| "not initialised".to_owned())
+}
+
+/// A fresh object id.
+pub fn next_oid() -> u64 {
+    shared().map_or(0, |s| s.next_oid.fetch_add(1, Relaxed))
+}
+
+/// Whether the host is reachable right now, as far as the client knows.
+pub fn connected() -> bool {
+    shared().is_some_and(|s| s.client.is_connected())
+}
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The client to use from this process: the module's own in Redis, a fresh one
+/// (its own connection, same identity and pool) in a fork child, whose copy of the
+/// parent's client has no threads behind it.
+pub(super) fn client_here() -> Option<(Client, Pool)> {
+    let s = shared()?;
+    if in_parent() {
+        return Some((s.client.clone(), s.pool));
+    }
+    let pid = std::process::id();
+    let mut child = lock(&CHILD);
+    if let Some((p, c, pool)) = child.as_ref() {
+        if *p == pid {
+            return Some((c.clone(), *pool));
+        }
+    }
+    let opts = Options {
+        timeout: crate::config::timeout(),
+        ..Options::default()
+    };
+    let c = Client::connect_lazy(&s.spec, opts).ok()?;
+    let pool = c.register_pool(PoolKind::Private(s.pool_name.clone()), false, false);
+    *child = Some((pid, c.clone(), pool));
+    Some((c, pool))
+}
+
+/// Offers `slot` (kept in Redis) to the host again later.
+pub fn remember_for_retry(slot: &Arc<Slot>) {
+    if let Some(s) = shared() {
+        lock(&s.retry).push(Arc::downgrade(slot));
+    }
+}
+
+pub(super) fn micros(t0: Instant) -> u64 {
+    u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
