@@ -137,6 +137,16 @@ fn current<'a>(g: &'a mut Option<Live>, grave: &mut Grave) -> Option<&'a mut Liv
     g.as_mut()
 }
 
+/// The channel to publish in: the one in use (its liveness is checked before each
+/// sleep, in [`before_sleep`]; requests published in a channel that died meanwhile are
+/// abandoned there), or the client's current one.
+fn for_publishing<'a>(g: &'a mut Option<Live>, grave: &mut Grave) -> Option<&'a mut Live> {
+    if g.is_some() {
+        return g.as_mut();
+    }
+    current(g, grave)
+}
+
 fn usable() -> bool {
     crate::config::CHANNEL.load(Relaxed) && !crate::raw::in_fork_child()
 }
@@ -156,7 +166,7 @@ pub fn put(slot: Arc<Slot>) -> Result<(), Arc<Slot>> {
     }
     let mut grave = Grave::new();
     let mut g = lock();
-    let Some(live) = current(&mut g, &mut grave) else {
+    let Some(live) = for_publishing(&mut g, &mut grave) else {
         drop(g);
         drop(grave);
         return Err(slot);
@@ -188,7 +198,7 @@ pub fn flush(oid: u64) -> bool {
     }
     let mut grave = Grave::new();
     let mut g = lock();
-    let Some(live) = current(&mut g, &mut grave) else {
+    let Some(live) = for_publishing(&mut g, &mut grave) else {
         return false;
     };
     match live.ch.flush(live.pool, Key::new(oid, 0)) {

@@ -51,9 +51,9 @@ const BUDGET: u32 = 256;
 /// How long a thread spins for new work before sleeping, when a core is idle.
 pub const SPIN_FOR: Duration = Duration::from_micros(20);
 /// After work, a thread naps this long between looks (no kick needed) ...
-pub const NAP: Duration = Duration::from_micros(500);
+pub const NAP: Duration = Duration::from_millis(1);
 /// ... until it found nothing for this long; then it sleeps until kicked.
-pub const NAP_WINDOW: Duration = Duration::from_millis(5);
+pub const NAP_WINDOW: Duration = Duration::from_millis(10);
 const WAKER: Token = Token(usize::MAX);
 
 /// The geometry of every channel this daemon makes.
