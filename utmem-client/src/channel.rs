@@ -58,14 +58,15 @@ struct State {
     /// Staging: bytes handed out (`head`) and given back (`tail`), as running totals.
     head: u64,
     tail: u64,
-    /// Requests in the ring, oldest first: id and the staging total to give back to.
-    inflight: VecDeque<(u64, u64)>,
+    /// Requests in the ring, oldest first: id, the staging total to give back to, and
+    /// for a GET where its buffer is.
+    inflight: VecDeque<(u64, u64, Option<(u64, u64)>)>,
     /// The host broke the channel's rules (completions out of order, bad status).
     broken: bool,
 }
 
 /// A completion handed out by [`Channel::drain`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Completion {
     /// The id [`Channel::put`] (or another submit) returned.
     pub id: u64,
@@ -75,6 +76,8 @@ pub struct Completion {
     pub arg0: u64,
     /// PUT: placement stamp (zero: not in the arena).
     pub arg1: u64,
+    /// GET: the value, copied out of staging (its length is `arg0`).
+    pub value: Option<bytes::Bytes>,
 }
 
 fn check_sealed(fd: &OwnedFd, len: u64) -> Result<(), MapError> {
@@ -203,8 +206,14 @@ impl Channel {
     /// Submits one descriptor (with `payload` copied to staging); `None` if the ring or
     /// staging is full now or the payload is over [`Channel::max_payload`]. Visible to
     /// the host at once; the host is kicked by [`Channel::kick`].
-    fn submit(&self, mut sqe: Sqe, payload: &[u8]) -> Option<u64> {
-        let len = payload.len() as u64;
+    fn submit(&self, sqe: Sqe, payload: &[u8]) -> Option<u64> {
+        self.submit_with(sqe, payload, 0)
+    }
+
+    /// [`Channel::submit`], with `buffer` bytes of staging reserved for the answer (a
+    /// GET) instead of a payload.
+    fn submit_with(&self, mut sqe: Sqe, payload: &[u8], buffer: u64) -> Option<u64> {
+        let len = (payload.len() as u64).max(buffer);
         if len > self.max_payload {
             return None;
         }
@@ -227,7 +236,7 @@ impl Channel {
             };
             s
         };
-        if len > 0 {
+        if !payload.is_empty() {
             self.mem.staging(at, len)?.copy_from(payload);
         }
         let id = st.next_id;
@@ -235,11 +244,12 @@ impl Channel {
         sqe.id = RequestId(id);
         sqe.offset = at;
         sqe.len = len;
-        sqe.total = len;
+        sqe.total = payload.len() as u64;
         sq.push(&sqe.encode());
         sq.publish();
         st.sq_tail = sq.tail;
-        st.inflight.push_back((id, end));
+        st.inflight
+            .push_back((id, end, (buffer > 0).then_some((at, buffer))));
         Some(id)
     }
 
@@ -253,6 +263,41 @@ impl Channel {
             ..Sqe::default()
         };
         self.submit(sqe, value)
+    }
+
+    /// Submits a GET of `key` with room for a value of up to `max` bytes in staging; a
+    /// longer value completes TOO_LARGE with its length in `arg0`.
+    pub fn get(&self, pool: PoolId, key: Key, max: u64) -> Option<u64> {
+        let sqe = Sqe {
+            op: Op::Get as u8,
+            pool,
+            key,
+            ..Sqe::default()
+        };
+        self.submit_with(sqe, &[], max.max(1))
+    }
+
+    /// Submits a FLUSH_OBJECT of every index of `oid`.
+    pub fn flush_object(&self, pool: PoolId, oid: u64) -> Option<u64> {
+        let sqe = Sqe {
+            op: Op::FlushObject as u8,
+            pool,
+            key: Key::new(oid, 0),
+            ..Sqe::default()
+        };
+        self.submit(sqe, &[])
+    }
+
+    /// Submits a COPY of `src` to `dst` inside the host.
+    pub fn copy(&self, pool: PoolId, src: Key, dst: Key) -> Option<u64> {
+        let sqe = Sqe {
+            op: Op::Copy as u8,
+            pool,
+            key: src,
+            dst,
+            ..Sqe::default()
+        };
+        self.submit(sqe, &[])
     }
 
     /// Submits a FLUSH of `key`.
@@ -304,13 +349,28 @@ impl Channel {
             let raw = cq.pop();
             let front = st.inflight.pop_front();
             match (Cqe::decode(&raw), front) {
-                (Some(c), Some((id, end))) if c.id.0 == id => {
+                (Some(c), Some((id, end, buf))) if c.id.0 == id => {
+                    // A GET's bytes are copied out before its staging can be reused.
+                    let value = match (buf, c.status) {
+                        (Some((at, cap)), Status::Ok) if c.arg0 <= cap => {
+                            let mut v = vec![0u8; c.arg0 as usize];
+                            match self.mem.staging(at, c.arg0) {
+                                Some(vs) => {
+                                    vs.copy_to(&mut v[..]);
+                                    Some(bytes::Bytes::from(v))
+                                }
+                                None => None,
+                            }
+                        }
+                        _ => None,
+                    };
                     st.tail = end;
                     done.push(Completion {
                         id,
                         status: c.status,
                         arg0: c.arg0,
                         arg1: c.arg1,
+                        value,
                     });
                 }
                 _ => {
@@ -353,7 +413,7 @@ impl Channel {
     pub fn abandon(&self) -> Vec<u64> {
         let mut st = self.lock();
         st.broken = true;
-        st.inflight.drain(..).map(|(id, _)| id).collect()
+        st.inflight.drain(..).map(|(id, _, _)| id).collect()
     }
 
     /// The whole region as volatile memory (tests that play a hostile client).

@@ -68,6 +68,7 @@ fn puts_through_the_channel_are_stored_placed_and_read_back() {
         .expect("the host offers a channel on a Unix socket");
     let id = c.pool_id(pool).unwrap();
     let sizes = [0usize, 1, 63, 64, 4096, 100_000, 1 << 20];
+    // (index 5 is the 100 000-byte value)
     let mut ids = Vec::new();
     for (i, &n) in sizes.iter().enumerate() {
         let v = pattern(i as u64, n);
@@ -104,6 +105,23 @@ fn puts_through_the_channel_are_stored_placed_and_read_back() {
     assert_eq!((done[0].id, done[0].status), (f, Status::Ok));
     assert_eq!((done[1].id, done[1].status), (p, Status::Ok));
     assert_eq!(c.get(pool, Key::new(4, 0)).unwrap(), None);
+    // GET, COPY and FLUSH_OBJECT through the channel: the value comes back through
+    // staging; one longer than the buffer says how long it is.
+    let want = pattern(5, 100_000);
+    let g = ch.get(id, Key::new(5, 0), 200_000).unwrap();
+    let small = ch.get(id, Key::new(5, 0), 1000).unwrap();
+    let miss = ch.get(id, Key::new(777, 0), 10).unwrap();
+    let cp = ch.copy(id, Key::new(5, 0), Key::new(55, 3)).unwrap();
+    let done = wait(&ch, 4);
+    assert_eq!((done[0].id, done[0].status), (g, Status::Ok));
+    assert_eq!(done[0].value.as_deref(), Some(&want[..]));
+    assert_eq!((done[1].id, done[1].status, done[1].arg0), (small, Status::TooLarge, 100_000));
+    assert_eq!((done[2].id, done[2].status), (miss, Status::Miss));
+    assert_eq!((done[3].id, done[3].status), (cp, Status::Ok));
+    assert_eq!(&c.get(pool, Key::new(55, 3)).unwrap().unwrap()[..], &want[..]);
+    ch.flush_object(id, 55).unwrap();
+    assert_eq!(wait(&ch, 1)[0].status, Status::Ok);
+    assert_eq!(c.get(pool, Key::new(55, 3)).unwrap(), None);
     // A value over half of staging is not taken: the caller uses the socket.
     assert!(ch
         .put(
