@@ -58,12 +58,15 @@ struct State {
     /// Staging: bytes handed out (`head`) and given back (`tail`), as running totals.
     head: u64,
     tail: u64,
-    /// Requests in the ring, oldest first: id, the staging total to give back to, and
-    /// for a GET where its buffer is.
-    inflight: VecDeque<(u64, u64, Option<(u64, u64)>)>,
+    /// Requests in the ring, oldest first.
+    inflight: VecDeque<InRing>,
     /// The host broke the channel's rules (completions out of order, bad status).
     broken: bool,
 }
+
+/// A request in the ring: its id, the staging total to give back to once it
+/// completes, and for a GET where its buffer is (offset, length).
+type InRing = (u64, u64, Option<(u64, u64)>);
 
 /// A completion handed out by [`Channel::drain`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -207,12 +210,46 @@ impl Channel {
     /// staging is full now or the payload is over [`Channel::max_payload`]. Visible to
     /// the host at once; the host is kicked by [`Channel::kick`].
     fn submit(&self, sqe: Sqe, payload: &[u8]) -> Option<u64> {
-        self.submit_with(sqe, payload, 0)
+        self.submit_with(sqe, payload, 0, None)
+    }
+
+    /// Submits request `id` (the caller's own id space: ids must not repeat while in
+    /// flight): `op` on `key` (and `dst` for COPY) with `payload`. False if it does not
+    /// fit now. GET is not taken (its answer's size is not known in advance).
+    pub fn submit_request(
+        &self,
+        id: u64,
+        op: Op,
+        pool: PoolId,
+        key: Key,
+        dst: Key,
+        payload: &[u8],
+    ) -> bool {
+        if !matches!(
+            op,
+            Op::Put | Op::Flush | Op::FlushObject | Op::Copy | Op::Ping
+        ) {
+            return false;
+        }
+        let sqe = Sqe {
+            op: op as u8,
+            pool,
+            key,
+            dst,
+            ..Sqe::default()
+        };
+        self.submit_with(sqe, payload, 0, Some(id)).is_some()
     }
 
     /// [`Channel::submit`], with `buffer` bytes of staging reserved for the answer (a
     /// GET) instead of a payload.
-    fn submit_with(&self, mut sqe: Sqe, payload: &[u8], buffer: u64) -> Option<u64> {
+    fn submit_with(
+        &self,
+        mut sqe: Sqe,
+        payload: &[u8],
+        buffer: u64,
+        id: Option<u64>,
+    ) -> Option<u64> {
         let len = (payload.len() as u64).max(buffer);
         if len > self.max_payload {
             return None;
@@ -239,8 +276,10 @@ impl Channel {
         if !payload.is_empty() {
             self.mem.staging(at, len)?.copy_from(payload);
         }
-        let id = st.next_id;
-        st.next_id += 1;
+        let id = id.unwrap_or_else(|| {
+            st.next_id += 1;
+            st.next_id - 1
+        });
         sqe.id = RequestId(id);
         sqe.offset = at;
         sqe.len = len;
@@ -274,7 +313,7 @@ impl Channel {
             key,
             ..Sqe::default()
         };
-        self.submit_with(sqe, &[], max.max(1))
+        self.submit_with(sqe, &[], max.max(1), None)
     }
 
     /// Submits a FLUSH_OBJECT of every index of `oid`.
@@ -318,6 +357,11 @@ impl Channel {
             ..Sqe::default()
         };
         self.submit(sqe, &[])
+    }
+
+    /// Requests published so far.
+    pub fn submitted(&self) -> u64 {
+        u64::from(self.lock().sq_tail)
     }
 
     /// Kicks the host if it said it is going to sleep (once per batch); true if it did.

@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
@@ -62,9 +62,24 @@ pub struct Options {
     /// socket): PUTs then answer [`Response::Placed`] and [`Client::read_mapped`]
     /// reads values without a round trip.
     pub map: bool,
-    /// Open a shared-memory channel too when the host offers one (a local Unix socket
-    /// with the arena mapped): [`Client::channel`] then hands it out.
-    pub channel: bool,
+    /// What to do with a shared-memory channel when the host offers one (a local Unix
+    /// socket with the arena mapped).
+    pub channel: ChannelUse,
+}
+
+/// How a client uses a shared-memory channel (`docs/channel.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelUse {
+    /// Everything over the socket.
+    Off,
+    /// PUT, FLUSH, FLUSH_OBJECT, COPY and PING of the API go through the channel (a
+    /// submission to an awake host costs no system call; a completion thread per
+    /// connection finishes them); the rest over the socket. Requests keep their order:
+    /// one path waits while the other has requests in flight.
+    Requests,
+    /// The channel is opened and handed to the caller ([`Client::channel`]), which
+    /// drives it itself (the Redis module, from Redis's main thread).
+    Caller,
 }
 
 impl Default for Options {
@@ -74,7 +89,7 @@ impl Default for Options {
             min_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_secs(1),
             map: false,
-            channel: false,
+            channel: ChannelUse::Requests,
         }
     }
 }
@@ -103,6 +118,8 @@ struct Pending {
     /// The slot and the host id the request went out with.
     pool: Option<(usize, PoolId)>,
     opens: Option<usize>,
+    /// Sent through the connection's channel (else over the socket).
+    via_channel: bool,
     done: Completion,
 }
 
@@ -137,6 +154,8 @@ struct Live {
     mapped: Option<Mapped>,
     /// Its shared-memory channel (ends with it).
     channel: Option<Arc<Channel>>,
+    /// Whether the API's requests go through it ([`ChannelUse::Requests`]).
+    routes: bool,
 }
 
 #[derive(Default)]
@@ -145,6 +164,10 @@ struct State {
     gen: u64,
     next_id: u64,
     inflight: HashMap<u64, Pending>,
+    /// Of those, sent through the channel.
+    chan_inflight: usize,
+    /// Requests waiting for the other path to drain (they keep their order).
+    after: Vec<Item>,
     outq: OutQueue,
     writing: bool,
     pools: Vec<PoolSlot>,
@@ -309,10 +332,22 @@ impl Client {
     /// The live connection's shared-memory channel and the connection's generation
     /// (a new connection brings a new channel; the old one's requests then have no
     /// answer coming). Never waits.
+    ///
+    /// Only with [`ChannelUse::Caller`]: with [`ChannelUse::Requests`] the client
+    /// drives the channel itself.
     pub fn channel(&self) -> Option<(Arc<Channel>, u64)> {
         let live = self.handle.0.live.load();
-        let l = live.as_ref()?;
+        let l = live.as_ref().filter(|l| !l.routes)?;
         Some((Arc::clone(l.channel.as_ref()?), l.gen))
+    }
+
+    /// Requests published in the live connection's channel so far (0 without one;
+    /// counts wrap at 2^32).
+    pub fn channel_requests(&self) -> u64 {
+        let live = self.handle.0.live.load();
+        live.as_ref()
+            .and_then(|l| l.channel.as_ref())
+            .map_or(0, |c| c.submitted())
     }
 
     /// The host's id of `pool` on the live connection (for channel requests), if open.
@@ -756,8 +791,7 @@ impl Inner {
         };
         let channel = match &stream {
             Stream::Unix(s)
-                if self.opts.channel
-                    && mapped.is_some()
+                if self.opts.channel != ChannelUse::Off
                     && hello.capabilities & CAP_CHANNEL != 0 =>
             {
                 match Channel::open(s, &limits) {
@@ -871,12 +905,125 @@ impl Inner {
             stream: Arc::new(h.stream),
             limits: h.limits,
             mapped: h.mapped,
+            routes: h.channel.is_some() && self.opts.channel == ChannelUse::Requests,
             channel: h.channel.map(Arc::new),
         });
         self.hello.store(Some(Arc::new(h.hello)));
         self.live.store(Some(Arc::clone(&live)));
-        st.conn = Some(live);
+        st.chan_inflight = 0;
+        st.conn = Some(Arc::clone(&live));
+        if let Some(ch) = live.channel.clone().filter(|_| live.routes) {
+            let me = Arc::clone(self);
+            if let Err(e) = thread::Builder::new()
+                .name("utmem-chan".into())
+                .spawn(move || me.channel_loop(&ch, gen))
+            {
+                // Without it nothing would complete: requests take the socket.
+                tracing::warn!("cannot start the channel thread ({e}); using the socket");
+                st.conn = Some(Arc::new(Live {
+                    gen,
+                    stream: Arc::clone(&live.stream),
+                    limits: live.limits,
+                    mapped: None,
+                    channel: None,
+                    routes: false,
+                }));
+            }
+        }
         Ok(())
+    }
+
+    /// Finishes the requests a connection's channel completes, until the connection
+    /// is gone. Sleeps on the channel's *complete* eventfd (asking the host for a kick)
+    /// while requests are in flight, and a reader tick otherwise.
+    fn channel_loop(self: Arc<Self>, ch: &Channel, gen: u64) {
+        let tick =
+            (self.timeout() / 10).clamp(Duration::from_millis(1), Duration::from_millis(100));
+        loop {
+            if self.closed.load(Ordering::SeqCst)
+                || self.live.load().as_ref().map(|l| l.gen) != Some(gen)
+            {
+                return;
+            }
+            let mut done = Vec::new();
+            ch.drain(|c| done.push(c));
+            if !done.is_empty() {
+                self.channel_done(gen, done);
+                continue;
+            }
+            if ch.is_dead() {
+                let failed = {
+                    let mut st = self.lock();
+                    self.disconnect(&mut st, gen)
+                };
+                fail_all(failed, &self.unreachable("the host ended the channel"));
+                return;
+            }
+            if ch.arm() {
+                continue;
+            }
+            let mut p = libc::pollfd {
+                fd: ch.complete_fd().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = i32::try_from(tick.as_millis()).unwrap_or(100);
+            // SAFETY: one valid pollfd for the duration of the call.
+            unsafe { libc::poll(&mut p, 1, ms) };
+            ch.clear_wakeup();
+        }
+    }
+
+    fn channel_done(self: &Arc<Self>, gen: u64, done: Vec<crate::channel::Completion>) {
+        let mut finished = Vec::with_capacity(done.len());
+        let resend = {
+            let mut st = self.lock();
+            for c in done {
+                if let Some(p) = st.inflight.remove(&c.id) {
+                    st.chan_inflight -= 1;
+                    finished.push((c, p));
+                }
+            }
+            self.take_after(&mut st)
+        };
+        for (c, p) in finished {
+            let r = match (c.status, p.op) {
+                // A placement means something only to a client that maps the arena.
+                (Status::Ok, Op::Put) if c.arg1 != 0 && self.is_mapped_now() => {
+                    let at = Placement {
+                        offset: c.arg0,
+                        stamp: c.arg1,
+                    };
+                    if let Some(m) = self.live.load().as_ref().and_then(|l| l.mapped.as_ref()) {
+                        m.populate(at, p.len);
+                    }
+                    Ok(Response::Placed(at))
+                }
+                (Status::Ok, _) => Ok(Response::Done),
+                (status, op) => Err(ClientError::Refused { op, status }),
+            };
+            debug_assert_eq!(p.gen, gen);
+            self.settle(c.id, p, r);
+        }
+        if !resend.is_empty() {
+            self.send_many(resend);
+        }
+    }
+
+    fn is_mapped_now(&self) -> bool {
+        self.live
+            .load()
+            .as_ref()
+            .is_some_and(|l| l.mapped.is_some())
+    }
+
+    /// The requests that waited for one path to drain, once it has.
+    fn take_after(&self, st: &mut State) -> Vec<Item> {
+        let sock = st.inflight.len() - st.chan_inflight;
+        if st.after.is_empty() || (st.chan_inflight > 0 && sock > 0) {
+            return Vec::new();
+        }
+        std::mem::take(&mut st.after)
     }
 
     /// Queues frames (under one lock, so they leave in one writev) and writes if
@@ -939,7 +1086,7 @@ impl Inner {
     /// wait; returns those refused before sending.
     fn queue(&self, st: &mut State, items: Vec<Item>) -> Vec<(Completion, ClientError)> {
         let mut refused = Vec::new();
-        let Some(live) = st.conn.as_ref() else {
+        let Some(live) = st.conn.clone() else {
             return refused;
         };
         let (gen, limits) = (live.gen, live.limits);
@@ -999,30 +1146,74 @@ impl Inner {
                     }
                 },
             };
-            st.next_id += 1;
-            let h = RequestHeader {
-                flags: it.flags,
-                pool: pool.map_or(PoolId(0), |(_, server)| server),
-                key: it.key,
-                len: it.payload.len() as u64,
-                ..RequestHeader::new(it.op, RequestId(id))
+            // The channel or the socket, in order: a request waits while the other
+            // path has requests in flight (or requests before it wait).
+            let sock_inflight = st.inflight.len() - st.chan_inflight;
+            let chan = live.channel.as_ref().filter(|_| live.routes);
+            let eligible = chan.is_some()
+                && it.opens.is_none()
+                && matches!(
+                    it.op,
+                    Op::Put | Op::Flush | Op::FlushObject | Op::Copy | Op::Ping
+                );
+            let via_channel = if !st.after.is_empty() {
+                st.after.push(it);
+                continue;
+            } else if eligible && sock_inflight == 0 {
+                let dst = if it.op == Op::Copy {
+                    CopyTarget::decode(&it.payload).map_or(Key::default(), |t| t.0)
+                } else {
+                    Key::default()
+                };
+                let payload: &[u8] = if it.op == Op::Put { &it.payload } else { &[] };
+                let server = pool.map_or(PoolId(0), |(_, server)| server);
+                let taken = chan
+                    .is_some_and(|ch| ch.submit_request(id, it.op, server, it.key, dst, payload));
+                if !taken {
+                    // Full (or too large): after what is in the channel, over the socket.
+                    st.after.push(it);
+                    continue;
+                }
+                true
+            } else if st.chan_inflight > 0 {
+                st.after.push(it);
+                continue;
+            } else {
+                false
             };
-            st.outq.push_copy(&h.encode());
-            if !it.payload.is_empty() {
-                st.outq.push_payload(it.payload);
+            st.next_id += 1;
+            let len = it.payload.len() as u64;
+            if via_channel {
+                st.chan_inflight += 1;
+            } else {
+                let h = RequestHeader {
+                    flags: it.flags,
+                    pool: pool.map_or(PoolId(0), |(_, server)| server),
+                    key: it.key,
+                    len,
+                    ..RequestHeader::new(it.op, RequestId(id))
+                };
+                st.outq.push_copy(&h.encode());
+                if !it.payload.is_empty() {
+                    st.outq.push_payload(it.payload);
+                }
             }
             st.inflight.insert(
                 id,
                 Pending {
                     op: it.op,
-                    len: h.len,
+                    len,
                     gen,
                     deadline: it.deadline,
                     pool,
                     opens: it.opens,
+                    via_channel,
                     done: it.done,
                 },
             );
+        }
+        if let Some(ch) = live.channel.as_ref().filter(|_| live.routes) {
+            ch.kick();
         }
         refused
     }
@@ -1042,12 +1233,15 @@ impl Inner {
             slot.state = PoolState::Closed;
         }
         st.outq = OutQueue::new();
-        let mut failed: Vec<Completion> = st
+        let gone: Vec<Pending> = st
             .inflight
             .extract_if(|_, p| p.gen == gen)
-            .map(|(_, p)| p.done)
+            .map(|(_, p)| p)
             .collect();
+        st.chan_inflight -= gone.iter().filter(|p| p.via_channel).count();
+        let mut failed: Vec<Completion> = gone.into_iter().map(|p| p.done).collect();
         failed.extend(std::mem::take(&mut st.waiting).into_iter().map(|i| i.done));
+        failed.extend(std::mem::take(&mut st.after).into_iter().map(|i| i.done));
         failed
     }
 
@@ -1084,9 +1278,17 @@ impl Inner {
     }
 
     fn complete(self: &Arc<Self>, h: ReplyHeader, payload: Bytes) {
-        let Some(p) = self.lock().inflight.remove(&h.id.0) else {
-            return; // the request timed out earlier; its late answer is dropped
+        let (p, resend) = {
+            let mut st = self.lock();
+            let Some(p) = st.inflight.remove(&h.id.0) else {
+                return; // the request timed out earlier; its late answer is dropped
+            };
+            let resend = self.take_after(&mut st);
+            (p, resend)
         };
+        if !resend.is_empty() {
+            self.send_many(resend);
+        }
         let r = if h.op != p.op {
             Err(ClientError::Protocol(format!(
                 "reply {} is for {:?}, request was {:?}",
@@ -1167,12 +1369,18 @@ impl Inner {
 
     fn expire(self: &Arc<Self>) {
         let now = Instant::now();
-        let expired: Vec<(u64, Pending)> = {
+        let (expired, resend) = {
             let mut st = self.lock();
-            st.inflight.extract_if(|_, p| p.deadline <= now).collect()
+            let expired: Vec<(u64, Pending)> =
+                st.inflight.extract_if(|_, p| p.deadline <= now).collect();
+            st.chan_inflight -= expired.iter().filter(|(_, p)| p.via_channel).count();
+            (expired, self.take_after(&mut st))
         };
         for (id, p) in expired {
             self.settle(id, p, Err(ClientError::Timeout(self.timeout())));
+        }
+        if !resend.is_empty() {
+            self.send_many(resend);
         }
     }
 }

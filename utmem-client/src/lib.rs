@@ -19,7 +19,7 @@ pub mod spec;
 pub mod transport;
 
 pub use channel::Channel;
-pub use client::{Client, Completion, Options};
+pub use client::{ChannelUse, Client, Completion, Options};
 pub use error::ClientError;
 pub use mapped::{MapError, Mapped};
 pub use request::{Pool, Request, Response};

@@ -491,3 +491,100 @@ fn mapped_reads_never_see_reused_space() {
     eprintln!("{whole} whole reads, {gone} of values already replaced");
     assert!(whole > 20, "too few reads overlapped the writes: {whole}");
 }
+
+/// The pipelined API over a channel (the default on a local Unix socket): PUT, FLUSH,
+/// COPY and PING go through the shared-memory rings, GET and the rest over the socket,
+/// and a mixed stream still behaves as if it went over one ordered connection:
+/// every GET sees the last PUT, FLUSH or COPY submitted before it.
+#[test]
+fn mixed_pipelines_keep_their_order_across_channel_and_socket() {
+    use std::sync::{Arc, Mutex};
+    let d = Daemon::start(&[]);
+    let mut outcomes = Vec::new();
+    for use_ in [
+        utmem_client::ChannelUse::Requests,
+        utmem_client::ChannelUse::Off,
+    ] {
+        let opts = Options {
+            channel: use_,
+            ..Options::default()
+        };
+        let c = Client::connect(&spec(&d), opts).expect("connect");
+        let pool = c.open(&format!("mixed-{use_:?}")).expect("pool");
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let mut model: Vec<Option<Bytes>> = vec![None; 8];
+        let mut want = Vec::new();
+        let (tx, rx) = mpsc::channel();
+        let mut batch = Vec::new();
+        for i in 0..3000u64 {
+            let k = (i * 7 % 8) as usize;
+            let key = Key::new(k as u64, 0);
+            let req = match i % 5 {
+                0 | 1 => {
+                    let v = value(i, (i as usize * 131) % 9000);
+                    model[k] = Some(v.clone());
+                    Request::Put {
+                        pool,
+                        key,
+                        value: v,
+                    }
+                }
+                2 => {
+                    want.push((i, model[k].clone()));
+                    Request::Get { pool, key }
+                }
+                3 if i % 3 == 0 => {
+                    model[k] = None;
+                    Request::Flush { pool, key }
+                }
+                3 => {
+                    let dst = (k + 1) % 8;
+                    model[dst] = model[k].clone();
+                    Request::Copy {
+                        pool,
+                        src: key,
+                        dst: Key::new(dst as u64, 0),
+                    }
+                }
+                _ => Request::Ping,
+            };
+            let (got, tx) = (Arc::clone(&got), tx.clone());
+            batch.push((
+                req,
+                Box::new(move |r: Result<Response, ClientError>| {
+                    got.lock().unwrap().push((i, r));
+                    let _ = tx.send(());
+                }) as utmem_client::Completion,
+            ));
+            if batch.len() == 64 {
+                c.submit_many(std::mem::take(&mut batch));
+            }
+        }
+        c.submit_many(batch);
+        for _ in 0..3000 {
+            rx.recv_timeout(Duration::from_secs(30))
+                .expect("every request completes");
+        }
+        let got = got.lock().unwrap();
+        for (i, w) in &want {
+            let r = &got.iter().find(|(j, _)| j == i).expect("answered").1;
+            match (r, w) {
+                (Ok(Response::Value(v)), Some(w)) => assert_eq!(v, w, "GET {i} ({use_:?})"),
+                (Ok(Response::Missing), None) => {}
+                (Ok(Response::Value(v)), None) => {
+                    panic!("GET {i} ({use_:?}) got {} bytes, want none", v.len())
+                }
+                (r, w) => panic!(
+                    "GET {i} ({use_:?}): {r:?}, want {:?}",
+                    w.as_ref().map(Bytes::len)
+                ),
+            }
+        }
+        for (i, r) in got.iter() {
+            assert!(r.is_ok(), "request {i} ({use_:?}): {r:?}");
+        }
+        outcomes.push((c.channel().is_some(), c.channel_requests() > 0));
+    }
+    // `Requests` sends through a channel it does not hand out; `Off` opens none.
+    assert_eq!(outcomes, [(false, true), (false, false)]);
+}

@@ -13,14 +13,14 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use utmem_client::channel::Completion;
 use utmem_client::proto::channel::{Sqe, HOST_DEAD, SQE_MORE};
 use utmem_client::proto::{Key, Op, Placement, PoolKind, RequestId, Status};
-use utmem_client::{Channel, Client, Options};
+use utmem_client::{Channel, ChannelUse, Client, Options};
 use utmem_testkit::Daemon;
 use vm_memory::Bytes as _;
 
 fn client(d: &Daemon) -> Client {
     let opts = Options {
         map: true,
-        channel: true,
+        channel: ChannelUse::Caller,
         ..Options::default()
     };
     Client::connect(&format!("unix:{}", d.sock.display()), opts).expect("connect")
@@ -115,10 +115,16 @@ fn puts_through_the_channel_are_stored_placed_and_read_back() {
     let done = wait(&ch, 4);
     assert_eq!((done[0].id, done[0].status), (g, Status::Ok));
     assert_eq!(done[0].value.as_deref(), Some(&want[..]));
-    assert_eq!((done[1].id, done[1].status, done[1].arg0), (small, Status::TooLarge, 100_000));
+    assert_eq!(
+        (done[1].id, done[1].status, done[1].arg0),
+        (small, Status::TooLarge, 100_000)
+    );
     assert_eq!((done[2].id, done[2].status), (miss, Status::Miss));
     assert_eq!((done[3].id, done[3].status), (cp, Status::Ok));
-    assert_eq!(&c.get(pool, Key::new(55, 3)).unwrap().unwrap()[..], &want[..]);
+    assert_eq!(
+        &c.get(pool, Key::new(55, 3)).unwrap().unwrap()[..],
+        &want[..]
+    );
     ch.flush_object(id, 55).unwrap();
     assert_eq!(wait(&ch, 1)[0].status, Status::Ok);
     assert_eq!(c.get(pool, Key::new(55, 3)).unwrap(), None);
@@ -298,7 +304,7 @@ fn a_client_scribbling_over_its_channel_hurts_nobody_else() {
                     // A new connection and channel each round.
                     let opts = Options {
                         map: true,
-                        channel: true,
+                        channel: ChannelUse::Caller,
                         ..Options::default()
                     };
                     let c = Client::connect(&spec, opts).expect("connect");

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use utmem_client::proto::PoolKind;
-use utmem_client::{Client, ClientError, Options, Pool};
+use utmem_client::{ChannelUse, Client, ClientError, Options, Pool};
 
 use crate::slot::Slot;
 
@@ -69,7 +69,11 @@ pub(super) fn init(
         Options {
             timeout,
             map: true,
-            channel: crate::config::CHANNEL.load(Relaxed),
+            channel: if crate::config::CHANNEL.load(Relaxed) {
+                ChannelUse::Caller
+            } else {
+                ChannelUse::Off
+            },
             ..Options::default()
         },
     )
@@ -122,8 +126,10 @@ pub(super) fn client_here() -> Option<(Client, Pool)> {
             return Some((c.clone(), *pool));
         }
     }
+    // Reads over the socket only: a fork child lives for one save.
     let opts = Options {
         timeout: crate::config::timeout(),
+        channel: ChannelUse::Off,
         ..Options::default()
     };
     let c = Client::connect_lazy(&s.spec, opts).ok()?;
