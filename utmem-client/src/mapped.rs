@@ -9,13 +9,14 @@
 //! the bytes with volatile reads ([`VolatileSlice`]: the host may change the memory
 //! at any time, so no `&[u8]` to it is ever made), check the stamp again, leave. A
 //! value the host dropped, evicted or replaced has no valid stamp and is never
-//! returned: the caller asks over the socket instead.
+//! returned: the caller asks over the socket instead. The layout, the stamp check and
+//! the reader-word protocol are [`utmem_proto::arena`]'s; this module adds the
+//! mapping checks and the counting of our own threads.
 //!
 //! # The reader word, with many threads
 //!
-//! The host gives one reader word per connection and parks an extent it releases
-//! while the word is odd, until the word differs from what it was at the release
-//! ("odd and unchanged since"). So the word must be odd while *any* thread of ours
+//! The host parks released space while the connection's one reader word is odd and
+//! unchanged since the release. So the word must be odd while *any* thread of ours
 //! is inside a value, and must not change while one is: a second reader that bumped
 //! it would tell the host the first one had left. The threads therefore count
 //! themselves in private memory ([`Mapped::readers`]) and only the first one in
@@ -35,14 +36,13 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use utmem_proto::arena::{value_end, ArenaMem, ReaderWordMem, READER_WORD_LEN};
 use utmem_proto::{
     Limits, MapReply, Op, Placement, ReplyHeader, RequestHeader, RequestId, Status,
-    ARENA_HEADER_LEN, REPLY_HEADER_LEN,
+    REPLY_HEADER_LEN,
 };
 use utmem_sys as sys;
-use vm_memory::{FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
-
-const WORD_LEN: usize = 4096;
+use vm_memory::{FileOffset, MmapRegion, VolatileSlice};
 
 /// `readers`: threads inside a value now (low 32 bits).
 const COUNT: u64 = 0xffff_ffff;
@@ -58,12 +58,12 @@ const SPINS: u32 = 256;
 /// A read-only mapping of the host's arena for this client's identity.
 #[derive(Debug)]
 pub struct Mapped {
-    arena: MmapRegion,
+    arena: ArenaMem,
     /// Pages below this offset were populated before: space the host reuses is
     /// already in our page tables (unless the host punched it since: a minor fault).
     populated_to: AtomicU64,
-    /// This connection's reader word (a page; the u64 at its start), shared with the host.
-    word: MmapRegion,
+    /// This connection's reader word, shared with the host.
+    word: ReaderWordMem,
     /// Private: readers inside now, entries admitted in this busy period, and whether
     /// the shared word is being moved (see the module docs).
     readers: AtomicU64,
@@ -124,17 +124,11 @@ impl Mapped {
         })?;
         let len = usize::try_from(reply.len).map_err(io::Error::other)?;
         Ok(Mapped {
-            arena: map_sealed(arena, len, false, "arena")?,
+            arena: ArenaMem::new(map_sealed(arena, len, false, "arena")?),
             populated_to: AtomicU64::new(0),
-            word: map_sealed(word, WORD_LEN, true, "reader word")?,
+            word: map_word(word)?,
             readers: AtomicU64::new(0),
         })
-    }
-
-    fn word(&self) -> &AtomicU64 {
-        self.word
-            .get_atomic_ref::<AtomicU64>(0)
-            .expect("the word page is page-aligned and 4096 bytes long")
     }
 
     /// Enters as a reader; false if the word is busy changing hands for longer than a
@@ -161,7 +155,7 @@ impl Mapped {
                     )
                     .is_ok()
                 {
-                    self.word().fetch_add(1, Ordering::SeqCst);
+                    self.word.enter();
                     self.readers.store(ENTRY | 1, Ordering::SeqCst);
                     return true;
                 }
@@ -189,7 +183,7 @@ impl Mapped {
                     .compare_exchange(s, TRANSITION, Ordering::SeqCst, Ordering::SeqCst)
                     .is_ok()
                 {
-                    self.word().fetch_add(1, Ordering::SeqCst);
+                    self.word.leave();
                     self.readers.store(0, Ordering::SeqCst);
                     return;
                 }
@@ -213,32 +207,16 @@ impl Mapped {
         len: usize,
         f: impl FnOnce(VolatileSlice<'_>) -> R,
     ) -> Option<R> {
-        let end = p
-            .offset
-            .checked_add(ARENA_HEADER_LEN)?
-            .checked_add(len as u64)?;
-        if end > self.arena.len() as u64 || !p.offset.is_multiple_of(8) {
-            return None;
-        }
-        let off = p.offset as usize;
+        let value = self.arena.value(p, len)?;
         if !self.enter() {
             return None;
         }
         let _inside = Inside(self);
-        // Against the host's stamp clear and its look at the word (both SeqCst).
-        let cell = |at| self.arena.get_atomic_ref::<AtomicU64>(at).ok();
-        let stamp = cell(off)?;
-        if stamp.load(Ordering::SeqCst) != p.stamp
-            || cell(off + 8)?.load(Ordering::Acquire) != len as u64
-        {
+        if !value.is_current() {
             return None;
         }
-        let bytes = self
-            .arena
-            .get_slice(off + ARENA_HEADER_LEN as usize, len)
-            .ok()?;
-        let r = f(bytes);
-        (stamp.load(Ordering::SeqCst) == p.stamp).then_some(r)
+        let r = f(value.bytes());
+        value.still_current().then_some(r)
     }
 
     /// Copies the value placed at `p` (`len` bytes) into `out` (reusing its
@@ -258,10 +236,10 @@ impl Mapped {
     /// into reused space costs no system call. A hint: errors (an older kernel, a bad
     /// placement) are ignored.
     pub fn populate(&self, p: Placement, len: u64) {
-        let Some(end) = p.offset.checked_add(ARENA_HEADER_LEN + len) else {
+        let Some(end) = value_end(p.offset, len) else {
             return;
         };
-        let end = end.min(self.arena.len() as u64);
+        let end = end.min(self.arena.len());
         let before = self.populated_to.fetch_max(end, Ordering::Relaxed);
         let start = p.offset.max(before) / 4096 * 4096;
         if start >= end {
@@ -272,7 +250,7 @@ impl Mapped {
         // changes their contents, and the file cannot shrink (sealed, checked).
         unsafe {
             libc::madvise(
-                self.arena.as_ptr().add(start as usize).cast(),
+                self.arena.region().as_ptr().add(start as usize).cast(),
                 (end - start) as usize,
                 libc::MADV_POPULATE_READ,
             )
@@ -287,6 +265,15 @@ impl Drop for Inside<'_> {
     fn drop(&mut self) {
         self.0.exit();
     }
+}
+
+/// Maps a reader word's page read-write, after the same checks as the arena.
+fn map_word(fd: OwnedFd) -> Result<ReaderWordMem, MapError> {
+    let map = map_sealed(fd, READER_WORD_LEN, true, "reader word")?;
+    ReaderWordMem::new(map).ok_or_else(|| MapError::Unsafe {
+        what: "reader word",
+        why: "shorter than a page".into(),
+    })
 }
 
 /// Maps `fd` (`len` bytes, shared) after checking that it is sealed against shrinking
@@ -353,10 +340,11 @@ mod tests {
     fn mapped(arena_len: u64) -> Mapped {
         let s = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
         Mapped {
-            arena: map_sealed(memfd(arena_len, s), arena_len as usize, false, "arena")
-                .expect("arena"),
+            arena: ArenaMem::new(
+                map_sealed(memfd(arena_len, s), arena_len as usize, false, "arena").expect("arena"),
+            ),
             populated_to: AtomicU64::new(0),
-            word: map_sealed(memfd(4096, s), WORD_LEN, true, "word").expect("word"),
+            word: map_word(memfd(4096, s)).expect("word"),
             readers: AtomicU64::new(0),
         }
     }
@@ -382,7 +370,7 @@ mod tests {
     #[test]
     fn overlapping_readers_keep_the_word_odd_and_unchanged() {
         let m = mapped(8192);
-        let w = || m.word().load(Ordering::SeqCst);
+        let w = || m.word.load();
         assert_eq!(w(), 0);
         assert!(m.enter());
         let v = w();
@@ -425,7 +413,7 @@ mod tests {
                 std::thread::spawn(move || {
                     for _ in 0..20_000 {
                         if m.enter() {
-                            assert_eq!(m.word().load(Ordering::SeqCst) % 2, 1, "inside, odd");
+                            assert_eq!(m.word.load() % 2, 1, "inside, odd");
                             m.exit();
                         }
                     }
@@ -436,6 +424,6 @@ mod tests {
             t.join().expect("thread");
         }
         assert_eq!(m.readers.load(Ordering::SeqCst), 0);
-        assert_eq!(m.word().load(Ordering::SeqCst) % 2, 0);
+        assert_eq!(m.word.load() % 2, 0);
     }
 }

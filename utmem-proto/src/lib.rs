@@ -9,8 +9,11 @@
 //! This crate owns the layout ([`header`]), the operations and statuses
 //! ([`op`]), the key and pool types ([`types`]), the small structured payloads
 //! ([`payload`]) and streaming decoders that check every length against the
-//! negotiated [`Limits`] before anything is allocated ([`codec`]).
+//! negotiated [`Limits`] before anything is allocated ([`codec`]). The two
+//! shared-memory layouts are here too, with the volatile accessors both sides use:
+//! the value arena ([`arena`]) and the request channel ([`channel`]).
 
+pub mod arena;
 pub mod channel;
 pub mod codec;
 pub mod error;
@@ -20,6 +23,7 @@ pub mod payload;
 pub mod queue;
 pub mod types;
 
+pub use arena::{extent_len, ArenaMem, ReaderWordMem, ARENA_ALIGN, ARENA_HEADER_LEN};
 pub use codec::{decode_reply, decode_request, encode_reply, encode_request, Reply, Request};
 pub use error::DecodeError;
 pub use header::{
@@ -29,8 +33,8 @@ pub use header::{
 pub use op::{Op, Status};
 pub use payload::{
     ChannelReply, CopyTarget, HelloReply, HelloRequest, IdentityStats, MapReply, NewPool,
-    Placement, PoolKind, ARENA_ALIGN, ARENA_HEADER_LEN, CAP_CHANNEL, CAP_COPY, CAP_EPHEMERAL,
-    CAP_MAP, CAP_SHARED, POOL_EPHEMERAL, POOL_SHARED,
+    Placement, PoolKind, CAP_CHANNEL, CAP_COPY, CAP_EPHEMERAL, CAP_MAP, CAP_SHARED, POOL_EPHEMERAL,
+    POOL_SHARED,
 };
 pub use queue::OutQueue;
 pub use types::{Index, Key, ObjectId, PoolId, PoolUuid, RequestId};

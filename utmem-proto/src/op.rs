@@ -29,7 +29,7 @@ pub enum Op {
     /// Map the identity's value arena read-only (local Unix sockets only): the reply
     /// carries a [`crate::MapReply`] and, as SCM_RIGHTS, the arena's memfd and the
     /// connection's reader word (a one-page memfd, mapped read-write; see
-    /// [`crate::Placement`]).
+    /// [`crate::arena`]).
     Map = 11,
     /// Open a shared-memory channel (local Unix sockets only): the reply carries a
     /// [`crate::ChannelReply`] and, as SCM_RIGHTS, the region's memfd, the *submit*

@@ -17,11 +17,8 @@ pub const CAP_MAP: u64 = 1 << 3;
 /// Capability: this connection may open shared-memory channels (CHANNEL).
 pub const CAP_CHANNEL: u64 = 1 << 4;
 
-/// Bytes before each value in the arena: its stamp (u64, written last, cleared
-/// first) and its length (u64).
-pub const ARENA_HEADER_LEN: u64 = 16;
-/// Values in the arena start at multiples of this.
-pub const ARENA_ALIGN: u64 = 64;
+// The arena's layout lives in `crate::arena`; these paths stay for existing users.
+pub use crate::arena::{ARENA_ALIGN, ARENA_HEADER_LEN};
 
 /// NEW_POOL flag: the host may drop values of this pool to make room.
 pub const POOL_EPHEMERAL: u16 = 1 << 0;
@@ -228,13 +225,7 @@ impl CopyTarget {
 
 /// PUT reply payload on a mapped connection when the value went into the arena
 /// (16 bytes): where its header is and the stamp it carries while the value lives.
-///
-/// A reader of the mapping makes its reader word odd (an atomic increment), checks the
-/// stamp at `offset`, uses the `len` value bytes that follow the
-/// [`ARENA_HEADER_LEN`]-byte header in place, and makes the word even again. The host
-/// clears a stamp before the space can be reused, never reuses a stamp, and parks
-/// released space while a reader word that was odd at release has not moved on; so a
-/// matching stamp means the bytes are the value that PUT stored until the word moves.
+/// How a reader uses it (stamp check, reader word) is described in [`crate::arena`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Placement {
     /// Byte offset of the value's header in the arena.

@@ -1,29 +1,22 @@
 //! The value arena: one memfd per identity that local clients map read-only, so a
 //! GET of a value placed there is a memory copy in the guest instead of a round trip.
 //!
-//! Layout: each value takes an extent of `ARENA_HEADER_LEN + len` bytes rounded up
-//! to `ARENA_ALIGN`; the header holds the value's stamp (u64) and length (u64).
-//! The stamp is written last, after the bytes (release), and cleared first, before
-//! the extent goes back to the free list, and no stamp is ever issued twice. A
-//! reader that sees the same stamp before and after copying (a seqlock with a
-//! one-way version) therefore copied exactly the value the PUT stored; any other
-//! outcome tells it to ask over the socket instead.
+//! The layout (stamp, length, extents), the stamp protocol and the reader-word
+//! protocol are described, and accessed, in [`utmem_proto::arena`], which clients
+//! use too. What is here is the host's bookkeeping around them: allocation, parking
+//! released space while a reader may still be in it, and revoking readers that stay.
 //!
-//! A reader may also use the bytes in place (Redis replies straight from the
-//! mapping, without copying them out first): each mapping connection gets a *reader
-//! word* (its own 8-byte memfd) that the reader makes odd while it touches values and
-//! even afterwards. Releasing a value clears its stamp and then looks at every reader
-//! word (both sequentially consistent, Dekker style): if one is odd, the extent is
-//! parked until that word has moved on, so bytes are never reused under a reader that
-//! saw a valid stamp. A reader that never moves on keeps only its own identity's
-//! freed space parked, and only while its connection lasts (plus a second's grace);
-//! a connection may MAP once. Parked space is capped (an eighth of the arena): past
-//! the cap, the words that pin the oldest parked extents are revoked (no longer
-//! honoured) and the daemon drops their connections.
+//! Each mapping connection gets its own reader word; a connection may MAP once. A
+//! reader that never moves on keeps only its own identity's freed space parked, and
+//! only while its connection lasts (plus a second's grace). Parked space is capped
+//! (an eighth of the arena): past the cap, the words that pin the oldest parked
+//! extents are revoked (no longer honoured) and the daemon drops their connections.
 //!
 //! Clients get a read-only descriptor of the arena (the memfd reopened read-only
 //! through `/proc/self/fd`, the memfd itself then made mode 0), so their mapping
-//! cannot be made writable and they cannot punch holes or write into it.
+//! cannot be made writable and they cannot punch holes or write into it. That is why
+//! the host may write value bytes through `&mut [u8]` into its own mapping, and hand
+//! them out as [`Bytes`]: no other process can write that memory.
 //!
 //! The store keeps arena values as ordinary [`Bytes`] (`Bytes::from_owner`): the
 //! extent is released when the last reference goes, so a socket GET in the middle
@@ -46,8 +39,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use utmem_proto::{Placement, ARENA_ALIGN, ARENA_HEADER_LEN};
-use utmem_sys::Mmap;
+use utmem_proto::arena::{data_at, is_inside, ArenaMem, ReaderWordMem, READER_WORD_LEN};
+pub use utmem_proto::extent_len;
+use utmem_proto::Placement;
+use vm_memory::{FileOffset, MmapRegion};
 
 use super::lock;
 
@@ -58,10 +53,11 @@ const PAGE: u64 = 4096;
 /// An identity's arena.
 #[derive(Debug)]
 pub struct Arena {
-    file: File,
+    file: Arc<File>,
     /// The same memfd, opened read-only: what clients receive.
     read_only: File,
-    map: Mmap,
+    /// Our own read-write mapping of it.
+    mem: ArenaMem,
     len: u64,
     next_stamp: AtomicU64,
     free: Mutex<FreeMap>,
@@ -71,8 +67,8 @@ pub struct Arena {
 /// One mapping connection's reader word (see the module docs).
 #[derive(Debug)]
 pub struct ReaderWord {
-    file: File,
-    map: Mmap,
+    file: Arc<File>,
+    mem: ReaderWordMem,
     /// When the connection ended: the word is forgotten once it is even, or after
     /// [`CLOSED_GRACE`] whatever it says (a reader that is gone or misbehaves must not
     /// pin space or descriptors for ever).
@@ -87,12 +83,6 @@ pub struct ReaderWord {
 const CLOSED_GRACE: Duration = Duration::from_secs(1);
 
 impl ReaderWord {
-    fn word(&self) -> &AtomicU64 {
-        // SAFETY: the mapping is a page, page-aligned; its first u64 is only accessed
-        // atomically (by us and by the reader in the client process).
-        unsafe { AtomicU64::from_ptr(self.map.as_ptr().cast::<u64>()) }
-    }
-
     /// The memfd the client maps read-write.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
@@ -112,7 +102,7 @@ impl ReaderWord {
     /// Whether a reader behind this word may still be inside the value it was in when
     /// the word read `v`.
     fn still_at(&self, v: u64) -> bool {
-        self.word().load(Ordering::SeqCst) == v && !self.expired() && !self.is_revoked()
+        self.mem.load() == v && !self.expired() && !self.is_revoked()
     }
 
     fn expired(&self) -> bool {
@@ -121,8 +111,7 @@ impl ReaderWord {
 
     fn forgettable(&self) -> bool {
         self.is_revoked()
-            || lock(&self.closed).is_some()
-                && (self.word().load(Ordering::SeqCst).is_multiple_of(2) || self.expired())
+            || lock(&self.closed).is_some() && (!is_inside(self.mem.load()) || self.expired())
     }
 }
 
@@ -162,6 +151,18 @@ pub(crate) fn memfd(name: &str, len: u64) -> io::Result<File> {
         return Err(io::Error::last_os_error());
     }
     Ok(file)
+}
+
+/// `file` mapped shared and read-write, all `len` bytes of it.
+fn map_shared(file: &Arc<File>, len: u64) -> io::Result<MmapRegion> {
+    let size = usize::try_from(len).map_err(io::Error::other)?;
+    MmapRegion::build(
+        Some(FileOffset::from_arc(Arc::clone(file), 0)),
+        size,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_SHARED,
+    )
+    .map_err(|e| io::Error::other(e.to_string()))
 }
 
 /// `file` opened again, read-only, through `/proc/self/fd`; the memfd is then made
@@ -236,19 +237,13 @@ impl FreeMap {
     }
 }
 
-/// Extent size of a value of `len` bytes.
-pub fn extent_len(len: u64) -> u64 {
-    (ARENA_HEADER_LEN + len).div_ceil(ARENA_ALIGN) * ARENA_ALIGN
-}
-
 impl Arena {
     /// A new arena of `len` bytes (rounded up to a power of two, as a PCI BAR
     /// exposing it to a VM would need). Pages are allocated only when written.
     pub fn new(name: &str, len: u64) -> io::Result<Arc<Arena>> {
         let len = len.max(1 << 20).next_power_of_two();
-        let file = memfd(&format!("utmem-arena-{name}"), len)?;
-        let size = usize::try_from(len).map_err(io::Error::other)?;
-        let map = Mmap::new(file.as_fd(), size, true)?;
+        let file = Arc::new(memfd(&format!("utmem-arena-{name}"), len)?);
+        let mem = ArenaMem::new(map_shared(&file, len)?);
         let read_only = reopen_read_only(&file)?;
         let mut free = FreeMap {
             trim_at: (len / 8).clamp(4 << 20, 64 << 20),
@@ -264,7 +259,7 @@ impl Arena {
         Ok(Arc::new(Arena {
             file,
             read_only,
-            map,
+            mem,
             len,
             next_stamp: AtomicU64::new(seed | 1),
             free: Mutex::new(free),
@@ -274,11 +269,12 @@ impl Arena {
 
     /// A new reader word for a connection that maps this arena.
     pub fn new_reader(&self) -> io::Result<Arc<ReaderWord>> {
-        let file = memfd("utmem-reader", 4096)?;
-        let map = Mmap::new(file.as_fd(), 4096, true)?;
+        let file = Arc::new(memfd("utmem-reader", READER_WORD_LEN as u64)?);
+        let mem = ReaderWordMem::new(map_shared(&file, READER_WORD_LEN as u64)?)
+            .ok_or_else(|| io::Error::other("reader word mapping shorter than a page"))?;
         let r = Arc::new(ReaderWord {
             file,
-            map,
+            mem,
             closed: Mutex::new(None),
             revoked: AtomicBool::new(false),
         });
@@ -295,8 +291,8 @@ impl Arena {
         readers
             .iter()
             .filter_map(|r| {
-                let v = r.word().load(Ordering::SeqCst);
-                (v % 2 == 1).then(|| (Arc::clone(r), v))
+                let v = r.mem.load();
+                is_inside(v).then(|| (Arc::clone(r), v))
             })
             .collect()
     }
@@ -331,19 +327,11 @@ impl Arena {
         })
     }
 
-    fn stamp_cell(&self, off: u64) -> &AtomicU64 {
-        // SAFETY: `off` is the start of an extent inside the mapping (taken from the
-        // free map, which only holds ranges of it), aligned to 64 and the mapping to a
-        // page, so the u64 is in bounds and aligned. It is only accessed atomically,
-        // by us and by readers in other processes.
-        unsafe { AtomicU64::from_ptr(self.map.as_ptr().add(off as usize).cast::<u64>()) }
-    }
-
     fn release(&self, off: u64, len: usize) {
         // Clear the stamp before the extent can be handed out again, then see who may
         // have read it before: both sequentially consistent, against the reader's
         // word increment and stamp load.
-        self.stamp_cell(off).store(0, Ordering::SeqCst);
+        self.mem.clear_stamp(off);
         let busy = self.busy_readers();
         let ext = extent_len(len as u64);
         let mut free = lock(&self.free);
@@ -443,13 +431,18 @@ pub struct ArenaBuf {
 }
 
 impl ArenaBuf {
+    // Value bytes are handled as `&[u8]`/`&mut [u8]` here, unlike anywhere else in
+    // shared memory: this is the host's own mapping, and clients only ever get a
+    // read-only descriptor of it (see the module docs), so no other process can write
+    // these bytes. Headers go through `ArenaMem`, atomically.
     fn data_ptr(&self) -> *mut u8 {
         // SAFETY: the extent lies inside the mapping; the data follows the header.
         unsafe {
             self.arena
-                .map
+                .mem
+                .region()
                 .as_ptr()
-                .add(self.off as usize + ARENA_HEADER_LEN as usize)
+                .add(data_at(self.off) as usize)
         }
     }
 
@@ -457,7 +450,7 @@ impl ArenaBuf {
     pub fn bytes_mut(&mut self) -> &mut [u8] {
         // SAFETY: the extent is ours alone until released (the free map handed it
         // out once); readers elsewhere only copy it after checking a stamp we have
-        // not written yet.
+        // not written yet, and no other process can write it (read-only descriptors).
         unsafe { std::slice::from_raw_parts_mut(self.data_ptr(), self.len) }
     }
 
@@ -467,19 +460,7 @@ impl ArenaBuf {
         while stamp == 0 {
             stamp = self.arena.next_stamp.fetch_add(1, Ordering::Relaxed);
         }
-        let len_cell = self.off as usize + 8;
-        // SAFETY: the header's second u64 is inside our extent, 8-aligned.
-        unsafe {
-            self.arena
-                .map
-                .as_ptr()
-                .add(len_cell)
-                .cast::<u64>()
-                .write_volatile(self.len as u64)
-        };
-        self.arena
-            .stamp_cell(self.off)
-            .store(stamp, Ordering::Release);
+        self.arena.mem.publish(self.off, self.len as u64, stamp);
         self.stamp = stamp;
         let p = Placement {
             offset: self.off,
@@ -491,7 +472,8 @@ impl ArenaBuf {
 
 impl AsRef<[u8]> for ArenaBuf {
     fn as_ref(&self) -> &[u8] {
-        // SAFETY: the extent is ours until drop; after publish nobody writes it.
+        // SAFETY: the extent is ours until drop; after publish nobody writes it (not
+        // even a client: they only get a read-only descriptor).
         unsafe { std::slice::from_raw_parts(self.data_ptr(), self.len) }
     }
 }
@@ -504,6 +486,9 @@ impl Drop for ArenaBuf {
 
 #[cfg(test)]
 mod tests {
+    use utmem_proto::ARENA_ALIGN;
+    use utmem_sys::Mmap;
+
     use super::*;
 
     impl Arena {
@@ -516,7 +501,7 @@ mod tests {
     }
 
     fn stamp_at(a: &Arena, off: u64) -> u64 {
-        a.stamp_cell(off).load(Ordering::Acquire)
+        a.mem.stamp(off)
     }
 
     #[test]
@@ -561,14 +546,14 @@ mod tests {
         let a = Arena::new("t", 1 << 20).unwrap();
         let r = a.new_reader().unwrap();
         let (v, p) = a.place(&[5u8; 10_000]).unwrap();
-        r.word().fetch_add(1, Ordering::SeqCst); // a reader is inside
+        r.mem.enter(); // a reader is inside
         drop(v);
         assert_eq!(stamp_at(&a, p.offset), 0, "stamp cleared at once");
         let len = extent_len(10_000);
         assert_eq!(a.free_bytes(), a.len() - len, "parked, not free");
         let (w, _) = a.place(b"other").unwrap();
         assert_eq!(a.free_bytes(), a.len() - len - extent_len(5));
-        r.word().fetch_add(1, Ordering::SeqCst); // the reader left
+        r.mem.leave(); // the reader left
         drop(w);
         assert_eq!(a.free_bytes(), a.len(), "unparked once the reader moved on");
         assert!(lock(&a.free).parked.is_empty());
@@ -578,7 +563,7 @@ mod tests {
     fn a_gone_reader_stops_pinning_space_after_the_grace() {
         let a = Arena::new("t", 1 << 20).unwrap();
         let r = a.new_reader().unwrap();
-        r.word().fetch_add(1, Ordering::SeqCst); // inside, and then the connection ends
+        r.mem.enter(); // inside, and then the connection ends
         let (v, _) = a.place(&[1u8; 5000]).unwrap();
         drop(v);
         r.close();
@@ -595,7 +580,7 @@ mod tests {
         let a = Arena::new("t", 1 << 20).unwrap();
         let stuck = a.new_reader().unwrap();
         let fine = a.new_reader().unwrap();
-        stuck.word().fetch_add(1, Ordering::SeqCst); // inside, for ever
+        stuck.mem.enter(); // inside, for ever
         let cap = a.len() / 8;
         let mut parked = 0;
         while parked <= cap {
