@@ -288,7 +288,7 @@ impl Inner {
 
     fn channel_done(self: &Arc<Self>, gen: u64, done: Vec<crate::channel::Completion>) {
         let mut finished = Vec::with_capacity(done.len());
-        let resend = {
+        let refused = {
             let mut st = self.lock();
             for c in done {
                 if let Some(p) = st.inflight.remove(&c.id) {
@@ -296,8 +296,9 @@ impl Inner {
                     finished.push((c, p));
                 }
             }
-            self.take_after(&mut st)
+            self.requeue_after(&mut st)
         };
+        self.after_requeue(refused);
         for (c, p) in finished {
             let r = match (c.status, p.op) {
                 // A placement means something only to a client that maps the arena.
@@ -316,9 +317,6 @@ impl Inner {
             };
             debug_assert_eq!(p.gen, gen);
             self.settle(c.id, p, r);
-        }
-        if !resend.is_empty() {
-            self.send_many(resend);
         }
     }
 
@@ -389,17 +387,15 @@ impl Inner {
     }
 
     fn complete(self: &Arc<Self>, h: ReplyHeader, payload: Bytes) {
-        let (p, resend) = {
+        let (p, refused) = {
             let mut st = self.lock();
             let Some(p) = st.inflight.remove(&h.id.0) else {
                 return; // the request timed out earlier; its late answer is dropped
             };
-            let resend = self.take_after(&mut st);
-            (p, resend)
+            let refused = self.requeue_after(&mut st);
+            (p, refused)
         };
-        if !resend.is_empty() {
-            self.send_many(resend);
-        }
+        self.after_requeue(refused);
         let r = if h.op != p.op {
             Err(ClientError::Protocol(format!(
                 "reply {} is for {:?}, request was {:?}",

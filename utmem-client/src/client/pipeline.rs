@@ -205,7 +205,7 @@ impl Inner {
             let via_channel = if !st.after.is_empty() {
                 st.after.push(it);
                 continue;
-            } else if eligible && sock_inflight == 0 {
+            } else if eligible && sock_inflight == 0 && {
                 let dst = if it.op == Op::Copy {
                     CopyTarget::decode(&it.payload).map_or(Key::default(), |t| t.0)
                 } else {
@@ -213,15 +213,12 @@ impl Inner {
                 };
                 let payload: &[u8] = if it.op == Op::Put { &it.payload } else { &[] };
                 let server = pool.map_or(PoolId(0), |(_, server)| server);
-                let taken = chan
-                    .is_some_and(|ch| ch.submit_request(id, it.op, server, it.key, dst, payload));
-                if !taken {
-                    // Full (or too large): after what is in the channel, over the socket.
-                    st.after.push(it);
-                    continue;
-                }
+                // False when the ring or staging is full, or the value too large.
+                chan.is_some_and(|ch| ch.submit_request(id, it.op, server, it.key, dst, payload))
+            } {
                 true
             } else if st.chan_inflight > 0 {
+                // Over the socket, but only after what is in the channel.
                 st.after.push(it);
                 continue;
             } else {
@@ -266,28 +263,39 @@ impl Inner {
 
     pub(super) fn expire(self: &Arc<Self>) {
         let now = Instant::now();
-        let (expired, resend) = {
+        let (expired, refused) = {
             let mut st = self.lock();
             let expired: Vec<(u64, Pending)> =
                 st.inflight.extract_if(|_, p| p.deadline <= now).collect();
             st.chan_inflight -= expired.iter().filter(|(_, p)| p.via_channel).count();
-            (expired, self.take_after(&mut st))
+            (expired, self.requeue_after(&mut st))
         };
+        self.after_requeue(refused);
         for (id, p) in expired {
             self.settle(id, p, Err(ClientError::Timeout(self.timeout())));
         }
-        if !resend.is_empty() {
-            self.send_many(resend);
-        }
     }
 
-    /// The requests that waited for one path to drain, once it has.
-    pub(super) fn take_after(&self, st: &mut State) -> Vec<Item> {
+    /// Queues the requests that waited for one path to drain, if it has: under the
+    /// same lock that saw it drain, so they go before anything submitted after them.
+    /// The caller then runs [`Inner::after_requeue`] without the lock.
+    pub(super) fn requeue_after(&self, st: &mut State) -> Vec<(Completion, ClientError)> {
         let sock = st.inflight.len() - st.chan_inflight;
         if st.after.is_empty() || (st.chan_inflight > 0 && sock > 0) {
             return Vec::new();
         }
-        std::mem::take(&mut st.after)
+        let after = std::mem::take(&mut st.after);
+        self.queue(st, after)
+    }
+
+    /// Fails what [`Inner::requeue_after`] refused and writes what it queued.
+    pub(super) fn after_requeue(self: &Arc<Self>, refused: Vec<(Completion, ClientError)>) {
+        for (done, e) in refused {
+            done(Err(e));
+        }
+        if !self.lock().outq.is_empty() {
+            self.send_many(Vec::new());
+        }
     }
 }
 
