@@ -315,6 +315,7 @@ mod tests {
             name: name.into(),
             shared,
             ephemeral: false,
+            durable: false,
             values: 1,
             bytes,
             counters: PoolCounters {
@@ -341,6 +342,8 @@ mod tests {
             no_space: 0,
             arena_size: 0,
             arena_used: 0,
+            log_bytes: 0,
+            log_live_bytes: 0,
             pools,
         }
     }

@@ -14,6 +14,8 @@ pub const CAP_EPHEMERAL: u64 = 1 << 2;
 /// Capability: this connection may MAP the identity's value arena (a local Unix
 /// socket that can pass file descriptors).
 pub const CAP_MAP: u64 = 1 << 3;
+/// Capability: the host keeps durable pools (it runs with a data directory).
+pub const CAP_DURABLE: u64 = 1 << 8;
 
 /// Bytes before each value in the arena: its stamp (u64, written last, cleared
 /// first) and its length (u64).
@@ -25,6 +27,8 @@ pub const ARENA_ALIGN: u64 = 64;
 pub const POOL_EPHEMERAL: u16 = 1 << 0;
 /// NEW_POOL flag: the pool is shared, named by a uuid (payload = 16 bytes).
 pub const POOL_SHARED: u16 = 1 << 1;
+/// NEW_POOL flag: the pool's values survive a restart of the host (its data directory).
+pub const POOL_DURABLE: u16 = 1 << 2;
 
 fn bad(what: &'static str, why: &'static str) -> DecodeError {
     DecodeError::BadPayload { what, why }
@@ -151,6 +155,8 @@ pub struct NewPool {
     pub kind: PoolKind,
     /// Whether the host may drop values to make room.
     pub ephemeral: bool,
+    /// Whether its values survive a restart of the host (never together with `ephemeral`).
+    pub durable: bool,
 }
 
 impl NewPool {
@@ -162,6 +168,9 @@ impl NewPool {
         let mut flags = 0;
         if self.ephemeral {
             flags |= POOL_EPHEMERAL;
+        }
+        if self.durable {
+            flags |= POOL_DURABLE;
         }
         let payload = match &self.kind {
             PoolKind::Private(name) => name.as_bytes().to_vec(),
@@ -175,10 +184,14 @@ impl NewPool {
 
     /// Parses header flags and payload.
     pub fn decode(flags: u16, b: &[u8]) -> Result<Self, DecodeError> {
-        if flags & !(POOL_EPHEMERAL | POOL_SHARED) != 0 {
+        if flags & !(POOL_EPHEMERAL | POOL_SHARED | POOL_DURABLE) != 0 {
             return Err(bad("NEW_POOL", "unknown flag bits"));
         }
         let ephemeral = flags & POOL_EPHEMERAL != 0;
+        let durable = flags & POOL_DURABLE != 0;
+        if ephemeral && durable {
+            return Err(bad("NEW_POOL", "a pool is not both ephemeral and durable"));
+        }
         let kind = if flags & POOL_SHARED != 0 {
             let uuid: [u8; 16] = b
                 .try_into()
@@ -192,7 +205,11 @@ impl NewPool {
                 std::str::from_utf8(b).map_err(|_| bad("NEW_POOL", "pool name is not UTF-8"))?;
             PoolKind::Private(name.to_owned())
         };
-        Ok(NewPool { kind, ephemeral })
+        Ok(NewPool {
+            kind,
+            ephemeral,
+            durable,
+        })
     }
 }
 

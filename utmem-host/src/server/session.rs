@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use utmem_proto::{
     encode_reply, CopyTarget, DecodeError, HelloReply, HelloRequest, Limits, MapReply, NewPool, Op,
-    OutQueue, ReplyHeader, RequestHeader, Status, CAP_COPY, CAP_EPHEMERAL, CAP_MAP, CAP_SHARED,
+    OutQueue, ReplyHeader, RequestHeader, Status, CAP_COPY, CAP_DURABLE, CAP_EPHEMERAL, CAP_MAP,
+    CAP_SHARED,
     REQUEST_HEADER_LEN, VERSION,
 };
 
@@ -496,6 +497,9 @@ impl Session {
     /// Writes what the socket takes: the queued replies, then the MAP reply with the
     /// arena's descriptors.
     fn flush(&mut self) -> io::Result<()> {
+        // `fsync always`: the replies of durable changes go out once their records are
+        // on disk (one wait per batch, shared with other threads: group commit).
+        crate::store::wait_durable();
         let fd = self.fd.as_fd();
         while !self.out.is_empty() {
             match self.out.write_with(1024, |iov| sys::writev(fd, iov)) {
@@ -645,7 +649,8 @@ impl Session {
                     capabilities: CAP_COPY
                         | CAP_SHARED
                         | CAP_EPHEMERAL
-                        | if self.can_map { CAP_MAP } else { 0 },
+                        | if self.can_map { CAP_MAP } else { 0 }
+                        | if self.store.is_durable() { CAP_DURABLE } else { 0 },
                     max_value: self.limits.max_value,
                     quota: self.ident.quota(),
                     identity: self.ident.name().to_owned(),

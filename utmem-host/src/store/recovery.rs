@@ -1,0 +1,191 @@
+//! Recovery of one account's durable pools from its directory: the newest base
+//! file, then the segments after it in order. A torn tail (the last segment ends in
+//! a record that is not whole) is cut off; a damaged record in the middle is
+//! skipped up to the next good header; a record whose header is good but whose
+//! value is not drops its key. Nothing unverified becomes a value.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::AsFd;
+use std::path::Path;
+
+use bytes::Bytes;
+use utmem_proto::{Key, ObjectId, PoolKind};
+use utmem_sys::Mmap;
+
+use super::journal::{file_name, numbered};
+use super::record::{self, Kind, Read};
+
+/// What recovery found in one directory.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// Live values by pool.
+    pub pools: HashMap<PoolKind, BTreeMap<Key, Bytes>>,
+    /// The number the next segment gets.
+    pub next_seg: u64,
+    /// Bytes left in the files.
+    pub file_bytes: u64,
+    /// Records read.
+    pub records: u64,
+    /// Bytes of damage skipped or cut off.
+    pub damaged_bytes: u64,
+    /// Keys dropped because their record's value was damaged.
+    pub dropped_keys: u64,
+}
+
+impl Recovered {
+    fn apply(&mut self, kind: Kind, pool: PoolKind, key: Key, value: Option<&[u8]>) {
+        match kind {
+            Kind::Put => {
+                let values = self.pools.entry(pool).or_default();
+                match value {
+                    Some(v) => {
+                        values.insert(key, Bytes::copy_from_slice(v));
+                    }
+                    None => {
+                        values.remove(&key);
+                        self.dropped_keys += 1;
+                    }
+                }
+            }
+            Kind::Flush => {
+                if let Some(values) = self.pools.get_mut(&pool) {
+                    values.remove(&key);
+                }
+            }
+            Kind::FlushObject => {
+                if let Some(values) = self.pools.get_mut(&pool) {
+                    let oid = key.oid;
+                    let lo = Key {
+                        oid,
+                        ..Key::default()
+                    };
+                    let hi = Key {
+                        oid: ObjectId(oid.0),
+                        index: utmem_proto::Index(u32::MAX),
+                    };
+                    let keys: Vec<Key> = values.range(lo..=hi).map(|(k, _)| *k).collect();
+                    for k in keys {
+                        values.remove(&k);
+                    }
+                }
+            }
+            Kind::DropPool => {
+                self.pools.remove(&pool);
+            }
+        }
+    }
+
+    /// Replays one file; `last` if it is the newest segment (a torn tail is cut off).
+    fn replay(&mut self, path: &Path, last: bool, max_value: u64) -> io::Result<()> {
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        let len = usize::try_from(file.metadata()?.len())
+            .map_err(|_| io::Error::other("log file larger than the address space"))?;
+        if len == 0 {
+            return Ok(());
+        }
+        let map = Mmap::new(file.as_fd(), len, false)?;
+        // SAFETY: the mapping is `len` bytes, readable, and lives until `map` drops at
+        // the end of this function; the file is ours (the data directory) and only
+        // this thread touches it during recovery.
+        let b = unsafe { std::slice::from_raw_parts(map.as_ptr(), len) };
+        let mut at = 0;
+        let mut good_end = 0;
+        while at < len {
+            match record::read(&b[at..], max_value) {
+                Read::Good {
+                    kind,
+                    pool,
+                    key,
+                    value,
+                    len: n,
+                } => {
+                    self.apply(kind, pool, key, Some(value));
+                    self.records += 1;
+                    at += n;
+                    good_end = at;
+                }
+                Read::BadValue {
+                    kind,
+                    pool,
+                    key,
+                    len: n,
+                } => {
+                    tracing::warn!(file = %path.display(), offset = at, %key,
+                        "damaged value in a durable log: the key is dropped");
+                    self.apply(kind, pool, key, None);
+                    self.damaged_bytes += n as u64;
+                    at += n;
+                    good_end = at;
+                }
+                Read::Bad => match record::resync(b, at + 1, max_value) {
+                    Some(next) => {
+                        tracing::warn!(file = %path.display(), offset = at, skipped = next - at,
+                            "damaged record header in a durable log: skipped to the next good one");
+                        self.damaged_bytes += (next - at) as u64;
+                        at = next;
+                    }
+                    None => break,
+                },
+            }
+        }
+        let kept = if good_end < len {
+            let tail = (len - good_end) as u64;
+            self.damaged_bytes += tail;
+            if last {
+                tracing::warn!(file = %path.display(), offset = good_end, bytes = tail,
+                    "torn tail of a durable log cut off");
+                drop(map);
+                file.set_len(good_end as u64)?;
+                file.sync_all()?;
+                good_end
+            } else {
+                tracing::warn!(file = %path.display(), offset = good_end, bytes = tail,
+                    "unreadable end of a durable log segment skipped");
+                len
+            }
+        } else {
+            len
+        };
+        self.file_bytes += kept as u64;
+        Ok(())
+    }
+}
+
+/// Reads an account's directory: removes what an unfinished compaction left and what
+/// a finished one replaced, then replays the rest.
+pub fn recover(dir: &Path, max_value: u64) -> io::Result<Recovered> {
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.extension().is_some_and(|x| x == "tmp") {
+            std::fs::remove_file(&p)?;
+        }
+    }
+    let bases = numbered(dir, "base")?;
+    let base = bases.last().copied();
+    for n in bases.iter().filter(|n| Some(**n) != base) {
+        std::fs::remove_file(dir.join(file_name("base", *n)))?;
+    }
+    let mut segs = numbered(dir, "seg")?;
+    if let Some(k) = base {
+        for n in segs.iter().filter(|n| **n <= k) {
+            std::fs::remove_file(dir.join(file_name("seg", *n)))?;
+        }
+        segs.retain(|n| *n > k);
+    }
+    let mut r = Recovered::default();
+    if let Some(k) = base {
+        r.replay(&dir.join(file_name("base", k)), false, max_value)?;
+    }
+    for (i, n) in segs.iter().enumerate() {
+        r.replay(
+            &dir.join(file_name("seg", *n)),
+            i + 1 == segs.len(),
+            max_value,
+        )?;
+    }
+    r.pools.retain(|_, v| !v.is_empty());
+    r.next_seg = segs.last().copied().or(base).map_or(0, |n| n + 1);
+    Ok(r)
+}
