@@ -87,6 +87,8 @@ pub struct Shared {
     pub pool: Pool,
     /// Its name.
     pub pool_name: String,
+    /// Whether it is a durable pool (`durable yes`).
+    pub durable: bool,
     /// The transport spec.
     pub spec: String,
     /// `Sender` is `Sync`: every thread sends without a lock of ours.
@@ -114,7 +116,14 @@ fn in_parent() -> bool {
 
 /// Starts the I/O thread and connects (a host that is down now is retried later).
 /// The pool is emptied the first time it is opened: RDB and AOF are the source of truth.
-pub fn start(spec: &str, pool_name: &str, timeout: Duration) -> Result<&'static Shared, String> {
+/// A durable pool (`durable`) keeps its values across host restarts; a host that is
+/// reachable now and keeps no durable pools is an error.
+pub fn start(
+    spec: &str,
+    pool_name: &str,
+    timeout: Duration,
+    durable: bool,
+) -> Result<&'static Shared, String> {
     let client = Client::connect_lazy(
         spec,
         Options {
@@ -123,12 +132,11 @@ pub fn start(spec: &str, pool_name: &str, timeout: Duration) -> Result<&'static 
             ..Options::default()
         },
     )
-    .map_err(|e| e.to_string())?;
-    let pool = client.register_pool(
-        utmem_client::proto::PoolKind::Private(pool_name.to_owned()),
-        false,
-        true,
-    );
+    .map_err(|e| format!("option transport: {e}"))?;
+    if durable {
+        check_durable(&client, timeout)?;
+    }
+    let pool = client.register(pool_request(pool_name, durable), true);
     let (tx, rx) = mpsc::channel();
     let now_us = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -137,6 +145,7 @@ pub fn start(spec: &str, pool_name: &str, timeout: Duration) -> Result<&'static 
         client: client.clone(),
         pool,
         pool_name: pool_name.to_owned(),
+        durable,
         spec: spec.to_owned(),
         tx,
         // Fresh object ids across restarts too, even if the pool could not be emptied.
@@ -153,6 +162,39 @@ pub fn start(spec: &str, pool_name: &str, timeout: Duration) -> Result<&'static 
         .spawn(move || run(rx, client, pool))
         .map_err(|e| format!("cannot start the I/O thread: {e}"))?;
     shared().ok_or_else(|| "not initialised".to_owned())
+}
+
+/// NEW_POOL of the module's pool.
+fn pool_request(name: &str, durable: bool) -> utmem_client::proto::NewPool {
+    utmem_client::proto::NewPool {
+        kind: utmem_client::proto::PoolKind::Private(name.to_owned()),
+        ephemeral: false,
+        durable,
+    }
+}
+
+/// `durable yes`: the host must offer durable pools. Waits (at most `timeout`, at
+/// most 2 s) for the host's HELLO; a host that cannot be reached now is checked
+/// when it can (its NEW_POOL refusal leaves values in Redis, logged).
+fn check_durable(client: &Client, timeout: Duration) -> Result<(), String> {
+    let t0 = std::time::Instant::now();
+    let wait = timeout.min(Duration::from_secs(2));
+    loop {
+        if let Some(h) = client.hello() {
+            if h.capabilities & utmem_client::proto::CAP_DURABLE == 0 {
+                return Err(format!(
+                    "option durable: the host at {} keeps no durable pools \
+                     (start utmem-hostd with --data-dir DIR), or load without `durable yes`",
+                    client.target()
+                ));
+            }
+            return Ok(());
+        }
+        if t0.elapsed() >= wait {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// A fresh object id.
@@ -203,11 +245,7 @@ fn client_here() -> Option<(Client, Pool)> {
         ..Options::default()
     };
     let c = Client::connect_lazy(&s.spec, opts).ok()?;
-    let pool = c.register_pool(
-        utmem_client::proto::PoolKind::Private(s.pool_name.clone()),
-        false,
-        false,
-    );
+    let pool = c.register(pool_request(&s.pool_name, s.durable), false);
     *child = Some((pid, c.clone(), pool));
     Some((c, pool))
 }
