@@ -19,7 +19,10 @@ const KEYS: u64 = 100;
 
 fn value(k: u64, version: u64) -> Vec<u8> {
     let mut v = format!("{k}:{version}:").into_bytes();
-    v.extend_from_slice(&pattern(k << 32 | version, 2000 + (k as usize * 97) % 30_000));
+    v.extend_from_slice(&pattern(
+        k << 32 | version,
+        2000 + (k as usize * 97) % 30_000,
+    ));
     v
 }
 
@@ -168,7 +171,10 @@ fn a_redis_restart_leaves_exactly_the_loaded_values() {
         set(&mut c, k, 2);
     }
     for k in 10..20 {
-        let _: () = redis::cmd("DEL").arg(format!("k{k}")).query(&mut c).expect("del");
+        let _: () = redis::cmd("DEL")
+            .arg(format!("k{k}"))
+            .query(&mut c)
+            .expect("del");
     }
     for k in 40..60 {
         set(&mut c, k, 1);

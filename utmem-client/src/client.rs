@@ -338,11 +338,15 @@ impl Client {
     /// (e.g. DENIED for a shared pool that is not granted) is an error and registers
     /// nothing.
     pub fn open_pool(&self, kind: PoolKind, ephemeral: bool) -> Result<Pool, ClientError> {
-        let req = NewPool {
+        self.open_pool_with(NewPool {
             kind,
             ephemeral,
             durable: false,
-        };
+        })
+    }
+
+    /// [`Client::open_pool`] with every NEW_POOL flag as given (e.g. a durable pool).
+    pub fn open_pool_with(&self, req: NewPool) -> Result<Pool, ClientError> {
         let i = {
             let mut st = self.inner().lock();
             match st.pools.iter().position(|p| p.req == req) {

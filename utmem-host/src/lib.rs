@@ -15,6 +15,6 @@ pub mod server;
 pub mod store;
 
 pub use store::{
-    DurableOptions, FsyncPolicy, HostSnapshot, Identity, Policy, Pool, RecoveryReport,
-    SharedGrant, Store, StoreOptions, VALUE_OVERHEAD,
+    DurableOptions, FsyncPolicy, HostSnapshot, Identity, Policy, Pool, RecoveryReport, SharedGrant,
+    Store, StoreOptions, VALUE_OVERHEAD,
 };

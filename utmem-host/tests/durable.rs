@@ -4,8 +4,8 @@
 #![allow(clippy::cast_possible_truncation)]
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -203,7 +203,11 @@ fn a_torn_tail_is_cut_off() {
         .set_len(cut)
         .expect("truncate");
     d.restart();
-    assert_eq!(check_exact_or_miss(&d, "torn", &want), 1, "only the torn value");
+    assert_eq!(
+        check_exact_or_miss(&d, "torn", &want),
+        1,
+        "only the torn value"
+    );
     assert!(d.log_text().contains("torn tail"), "{}", d.log_text());
     // The tail was cut off for good: PUTs after it and another restart keep everything.
     let (mut c, pool) = open(&d, "torn");
@@ -259,7 +263,9 @@ fn overwrite_churn_keeps_the_files_bounded() {
     );
     let snap: serde_json::Value =
         serde_json::from_str(&d.admin_cmd(&["stats", "--json"]).1).expect("json");
-    let log = snap["identities"][0]["log_bytes"].as_u64().expect("log_bytes");
+    let log = snap["identities"][0]["log_bytes"]
+        .as_u64()
+        .expect("log_bytes");
     assert!(log > 0 && log < 16 << 20, "log_bytes {log}");
     d.restart();
     assert_eq!(check_exact_or_miss(&d, "churn", &last), 0);
@@ -271,10 +277,7 @@ fn flushes_and_pool_drops_survive_a_restart() {
     let (mut c, pool) = open(&d, "a");
     let want = put_all(&mut c, pool, 20, 8 << 10, 4);
     assert_eq!(c.flush(pool, Key::new(3, 0)), Status::Ok);
-    let r = c.call(
-        Conn::keyed(Op::FlushObject, pool, Key::new(4, 0)),
-        &[],
-    );
+    let r = c.call(Conn::keyed(Op::FlushObject, pool, Key::new(4, 0)), &[]);
     assert_eq!(r.header.status, Status::Ok);
     let other = c.open_with(durable("b")).expect("b");
     put_all(&mut c, other, 5, 1 << 10, 5);
@@ -316,7 +319,11 @@ fn quotas_cover_durable_pools_across_restarts() {
     d.restart();
     let (mut c, pool) = open(&d, "q");
     assert_eq!(c.stats().bytes, 3 * (300 << 10));
-    assert_eq!(c.put(pool, Key::new(3, 0), &v), Status::NoSpace, "still full");
+    assert_eq!(
+        c.put(pool, Key::new(3, 0), &v),
+        Status::NoSpace,
+        "still full"
+    );
     assert_eq!(c.get(pool, Key::new(2, 0)), Ok(v));
 }
 

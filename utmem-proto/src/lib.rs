@@ -28,8 +28,8 @@ pub use header::{
 pub use op::{Op, Status};
 pub use payload::{
     CopyTarget, HelloReply, HelloRequest, IdentityStats, MapReply, NewPool, Placement, PoolKind,
-    ARENA_ALIGN, ARENA_HEADER_LEN, CAP_COPY, CAP_DURABLE, CAP_EPHEMERAL, CAP_MAP, CAP_SHARED, POOL_DURABLE,
-    POOL_EPHEMERAL, POOL_SHARED,
+    ARENA_ALIGN, ARENA_HEADER_LEN, CAP_COPY, CAP_DURABLE, CAP_EPHEMERAL, CAP_MAP, CAP_SHARED,
+    POOL_DURABLE, POOL_EPHEMERAL, POOL_SHARED,
 };
 pub use queue::OutQueue;
 pub use types::{Index, Key, ObjectId, PoolId, PoolUuid, RequestId};

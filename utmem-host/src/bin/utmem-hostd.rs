@@ -85,7 +85,12 @@ struct ServeArgs {
     /// after its fdatasync, batched), an interval such as `10ms` (a machine crash
     /// loses at most that), or `never` (the kernel decides). A kill of the daemon
     /// loses nothing answered under any of them.
-    #[arg(long, value_name = "POLICY", default_value = "10ms", requires = "data_dir")]
+    #[arg(
+        long,
+        value_name = "POLICY",
+        default_value = "10ms",
+        requires = "data_dir"
+    )]
     fsync: utmem_host::FsyncPolicy,
     /// Dead bytes in an identity's durable log that trigger a compaction, once they
     /// also outweigh the live ones.
@@ -245,7 +250,7 @@ fn run(args: ServeArgs) -> Result<(), String> {
             bytes = r.bytes,
             damaged_bytes = r.damaged_bytes,
             dropped_keys = r.dropped_keys,
-            ms = r.elapsed.as_millis() as u64,
+            elapsed = ?r.elapsed,
             "durable pools loaded"
         );
     }

@@ -24,8 +24,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use utmem_proto::{
     encode_reply, CopyTarget, DecodeError, HelloReply, HelloRequest, Limits, MapReply, NewPool, Op,
     OutQueue, ReplyHeader, RequestHeader, Status, CAP_COPY, CAP_DURABLE, CAP_EPHEMERAL, CAP_MAP,
-    CAP_SHARED,
-    REQUEST_HEADER_LEN, VERSION,
+    CAP_SHARED, REQUEST_HEADER_LEN, VERSION,
 };
 
 use crate::store::{Arena, ArenaBuf, Identity, Pool, ReaderWord, Reservation, Store};
@@ -650,7 +649,11 @@ impl Session {
                         | CAP_SHARED
                         | CAP_EPHEMERAL
                         | if self.can_map { CAP_MAP } else { 0 }
-                        | if self.store.is_durable() { CAP_DURABLE } else { 0 },
+                        | if self.store.is_durable() {
+                            CAP_DURABLE
+                        } else {
+                            0
+                        },
                     max_value: self.limits.max_value,
                     quota: self.ident.quota(),
                     identity: self.ident.name().to_owned(),

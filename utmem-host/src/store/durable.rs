@@ -12,8 +12,8 @@ use utmem_proto::{PoolKind, Status};
 use super::identity::Identity;
 use super::journal::{dir_name, identity_of, FsyncPolicy, Journal, COMPACT_FLOOR};
 use super::pool::Pool;
-use super::recovery::recover;
 use super::record::record_len;
+use super::recovery::recover;
 use super::{lock, Store};
 
 /// How durable pools are kept.
@@ -122,7 +122,10 @@ impl Store {
                 live += record_len(kind, v.len() as u64);
             }
         }
-        let d = self.durable.get().ok_or_else(|| std::io::Error::other("no data dir"))?;
+        let d = self
+            .durable
+            .get()
+            .ok_or_else(|| std::io::Error::other("no data dir"))?;
         let journal = Arc::new(Journal::open(
             path.to_owned(),
             d.opts.fsync,

@@ -29,9 +29,9 @@ mod snapshot;
 
 pub use arena::{extent_len, Arena, ArenaBuf, ReaderWord};
 pub use durable::{DurableOptions, RecoveryReport};
-pub use journal::{wait_durable, FsyncPolicy, COMPACT_FLOOR};
 pub use eviction::{EvictionPolicy, Lru};
 pub use identity::Identity;
+pub use journal::{wait_durable, FsyncPolicy, COMPACT_FLOOR};
 pub use policy::{Policy, SharedGrant};
 pub use pool::Pool;
 pub use reservation::Reservation;
@@ -210,7 +210,9 @@ impl Store {
                 Some(pool) if pool.lock().destroyed => {
                     caller.forget(id);
                 }
-                Some(pool) if pool.ephemeral == req.ephemeral && pool.is_durable() == req.durable => {
+                Some(pool)
+                    if pool.ephemeral == req.ephemeral && pool.is_durable() == req.durable =>
+                {
                     return Ok(id)
                 }
                 Some(_) => return Err(Status::BadRequest),
@@ -253,12 +255,7 @@ impl Store {
                         uuid::Uuid::from_bytes(uuid.0)
                     ));
                     let journal = self.journal_if(req.durable, &account)?;
-                    let p = Arc::new(Pool::new(
-                        req.kind.clone(),
-                        req.ephemeral,
-                        journal,
-                        account,
-                    ));
+                    let p = Arc::new(Pool::new(req.kind.clone(), req.ephemeral, journal, account));
                     Self::register(&p.account, &p)?;
                     shared.insert(*uuid, Arc::clone(&p));
                     p
