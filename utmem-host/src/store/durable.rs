@@ -3,6 +3,7 @@
 //! that syncs the logs under an interval policy. Values stay in memory as for any
 //! pool (reads never touch the disk); the logs only make them survive a restart.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -74,7 +75,13 @@ impl Store {
     /// serving anyone.
     pub fn open_data_dir(&self, opts: DurableOptions) -> std::io::Result<RecoveryReport> {
         let t0 = Instant::now();
-        std::fs::create_dir_all(&opts.dir)?;
+        if !opts.dir.exists() {
+            // The logs are the guests' data: nobody else reads or writes them.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&opts.dir)?;
+        }
         let d = Durability {
             opts: opts.clone(),
             journals: Arc::new(Mutex::new(Vec::new())),

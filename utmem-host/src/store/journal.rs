@@ -72,6 +72,8 @@ struct LogState {
     file_bytes: u64,
     /// Bytes of the records of live values.
     live_bytes: u64,
+    /// `pos` when the running (or last) compaction switched segments.
+    rotated_at: u64,
 }
 
 #[derive(Debug, Default)]
@@ -89,6 +91,8 @@ pub struct Journal {
     state: Mutex<LogState>,
     sync: Mutex<SyncState>,
     synced_cv: Condvar,
+    /// Signalled (with `state`) when a compaction ends.
+    compacted_cv: Condvar,
     compacting: AtomicBool,
     /// Its identity was dropped: nothing more is written, the directory is gone.
     dead: AtomicBool,
@@ -213,7 +217,9 @@ impl Journal {
                 seq: 0,
                 file_bytes,
                 live_bytes,
+                rotated_at: 0,
             }),
+            compacted_cv: Condvar::new(),
             sync: Mutex::new(SyncState::default()),
             synced_cv: Condvar::new(),
             compacting: AtomicBool::new(false),
@@ -275,6 +281,23 @@ impl Journal {
             });
         }
         Ok(())
+    }
+
+    /// Back-pressure: while a compaction runs and more than the live bytes (or the
+    /// floor) were appended since it started, writers wait for it, so the files stay
+    /// bounded even when the disk is slower than the writers. Call without a pool lock
+    /// (the compaction takes them).
+    pub fn throttle(&self) {
+        let mut st = lock(&self.state);
+        while self.compacting.load(Relaxed)
+            && st.pos.saturating_sub(st.rotated_at) > st.live_bytes.max(self.floor)
+        {
+            st = self
+                .compacted_cv
+                .wait_timeout(st, Duration::from_millis(10))
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
     }
 
     /// Whether dead records outweigh live ones (and the floor).
@@ -347,7 +370,9 @@ impl Journal {
                 if let Err(e) = j.compact(pools) {
                     tracing::error!(dir = %j.dir.display(), "compaction failed: {e}");
                 }
+                let _st = lock(&j.state);
                 j.compacting.store(false, Relaxed);
+                j.compacted_cv.notify_all();
             });
         if let Err(e) = spawned {
             tracing::error!("cannot start a compaction thread: {e}");
@@ -370,6 +395,7 @@ impl Journal {
             st.file = Arc::new(file);
             st.seg = k + 1;
             let pos = st.pos;
+            st.rotated_at = pos;
             let mut s = lock(&self.sync);
             s.synced = s.synced.max(pos);
             (k, pos)

@@ -396,6 +396,9 @@ impl Store {
         let acct = &pool.account;
         let len = value.len() as u64;
         let new = self.charge_of(len);
+        if let Some(j) = &pool.journal {
+            j.throttle();
+        }
         let mut inner = pool.lock();
         if inner.destroyed {
             return Status::UnknownPool;

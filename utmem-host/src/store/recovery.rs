@@ -9,6 +9,7 @@ use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::AsFd;
 use std::path::Path;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use utmem_proto::{Key, ObjectId, PoolKind};
@@ -35,13 +36,13 @@ pub struct Recovered {
 }
 
 impl Recovered {
-    fn apply(&mut self, kind: Kind, pool: PoolKind, key: Key, value: Option<&[u8]>) {
+    fn apply(&mut self, kind: Kind, pool: PoolKind, key: Key, value: Option<Bytes>) {
         match kind {
             Kind::Put => {
                 let values = self.pools.entry(pool).or_default();
                 match value {
                     Some(v) => {
-                        values.insert(key, Bytes::copy_from_slice(v));
+                        values.insert(key, v);
                     }
                     None => {
                         values.remove(&key);
@@ -85,10 +86,11 @@ impl Recovered {
         if len == 0 {
             return Ok(());
         }
-        let map = Mmap::new(file.as_fd(), len, false)?;
-        // SAFETY: the mapping is `len` bytes, readable, and lives until `map` drops at
-        // the end of this function; the file is ours (the data directory) and only
-        // this thread touches it during recovery.
+        let map = Arc::new(Mmap::new(file.as_fd(), len, false)?);
+        advise(&map, libc::MADV_SEQUENTIAL);
+        // SAFETY: the mapping is `len` bytes, readable, and lives as long as `map`,
+        // which outlives `b` (this function); the files of the data directory are
+        // written only by this daemon, never in place (see FileSlice).
         let b = unsafe { std::slice::from_raw_parts(map.as_ptr(), len) };
         let mut at = 0;
         let mut good_end = 0;
@@ -101,7 +103,18 @@ impl Recovered {
                     value,
                     len: n,
                 } => {
-                    self.apply(kind, pool, key, Some(value));
+                    let v = if value.is_empty() {
+                        Bytes::new()
+                    } else {
+                        // The value ends the record.
+                        let off = at + n - value.len();
+                        Bytes::from_owner(FileSlice {
+                            map: Arc::clone(&map),
+                            off,
+                            len: value.len(),
+                        })
+                    };
+                    self.apply(kind, pool, key, Some(v));
                     self.records += 1;
                     at += n;
                     good_end = at;
@@ -136,7 +149,7 @@ impl Recovered {
             if last {
                 tracing::warn!(file = %path.display(), offset = good_end, bytes = tail,
                     "torn tail of a durable log cut off");
-                drop(map);
+                // Values point below `good_end` only: the pages they use stay.
                 file.set_len(good_end as u64)?;
                 file.sync_all()?;
                 good_end
@@ -149,7 +162,35 @@ impl Recovered {
             len
         };
         self.file_bytes += kept as u64;
+        advise(&map, libc::MADV_NORMAL);
         Ok(())
+    }
+}
+
+/// A value served straight from a log file's mapping (the page cache): recovery
+/// copies nothing. Log files are never written in place (appends go to new
+/// segments, compaction writes a new base and unlinks the old files), so the bytes
+/// stay what their checksum said; an unlinked file's space comes back when its
+/// last value goes.
+struct FileSlice {
+    map: Arc<Mmap>,
+    off: usize,
+    len: usize,
+}
+
+impl AsRef<[u8]> for FileSlice {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `off + len` was checked against the mapping's length when the record
+        // was read, and the mapping lives as long as `self.map`.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(self.off), self.len) }
+    }
+}
+
+fn advise(map: &Mmap, advice: libc::c_int) {
+    // SAFETY: the whole range of a live mapping; advice never changes its contents.
+    let r = unsafe { libc::madvise(map.as_ptr().cast(), map.len(), advice) };
+    if r != 0 {
+        tracing::debug!("madvise: {}", std::io::Error::last_os_error());
     }
 }
 
