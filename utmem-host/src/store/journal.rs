@@ -74,6 +74,10 @@ struct LogState {
     live_bytes: u64,
     /// `pos` when the running (or last) compaction switched segments.
     rotated_at: u64,
+    /// The segment before the active one, until it was synced after the switch.
+    retired: Option<Arc<File>>,
+    /// Bytes in the active segment.
+    seg_len: u64,
 }
 
 #[derive(Debug, Default)]
@@ -185,12 +189,21 @@ pub fn identity_of(dir: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-fn write_all_at_end(f: &File, parts: &[&[u8]]) -> io::Result<()> {
+/// Appends `head` then `value`: one `writev` in the common case.
+fn write_record(f: &File, head: &[u8], value: &[u8]) -> io::Result<()> {
     let mut w = f;
-    for p in parts {
-        w.write_all(p)?;
+    let n = loop {
+        match w.write_vectored(&[io::IoSlice::new(head), io::IoSlice::new(value)]) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => break r?,
+        }
+    };
+    if n < head.len() {
+        w.write_all(&head[n..])?;
+        w.write_all(value)
+    } else {
+        w.write_all(&value[n - head.len()..])
     }
-    Ok(())
 }
 
 impl Journal {
@@ -218,6 +231,8 @@ impl Journal {
                 file_bytes,
                 live_bytes,
                 rotated_at: 0,
+                retired: None,
+                seg_len: 0,
             }),
             compacted_cv: Condvar::new(),
             sync: Mutex::new(SyncState::default()),
@@ -255,13 +270,15 @@ impl Journal {
         let mut st = lock(&self.state);
         let head = record::encode(kind, pool, key, value, st.seq);
         let len = (head.len() + value.len()) as u64;
-        let before = st.file.metadata().map(|m| m.len());
-        if let Err(e) = write_all_at_end(&st.file, &[&head, value]) {
-            if let Ok(n) = before {
-                let _ = st.file.set_len(n);
+        if let Err(e) = write_record(&st.file, &head, value) {
+            // Cut off whatever part of the record made it, so the next one follows a
+            // whole record.
+            if let Ok(m) = st.file.metadata() {
+                let _ = st.file.set_len(m.len().min(st.seg_len));
             }
             return Err(e);
         }
+        st.seg_len += len;
         st.pos += len;
         st.seq += 1;
         st.file_bytes += len;
@@ -324,11 +341,15 @@ impl Journal {
         }
         s.syncing = true;
         drop(s);
-        let (file, end) = {
+        let (file, retired, end) = {
             let st = lock(&self.state);
-            (Arc::clone(&st.file), st.pos)
+            (Arc::clone(&st.file), st.retired.clone(), st.pos)
         };
-        let r = file.sync_data();
+        let r = match retired {
+            Some(old) => old.sync_data(),
+            None => Ok(()),
+        }
+        .and_then(|()| file.sync_data());
         let mut s = lock(&self.sync);
         s.syncing = false;
         if r.is_ok() {
@@ -384,22 +405,31 @@ impl Journal {
     /// and deletes what it replaces. Appends go on into a new segment meanwhile.
     pub fn compact(&self, pools: impl FnOnce() -> Vec<Arc<Pool>>) -> io::Result<()> {
         // 1. A new segment takes the appends; everything before it is in memory.
-        let (k, pos_at) = {
+        // Only this thread changes `seg`, so the next file can be made before the
+        // lock is taken: appends wait for nothing but the swap.
+        let k = lock(&self.state).seg;
+        let next = Arc::new(create_segment(&self.dir, k + 1)?);
+        let (old, pos_at) = {
             let mut st = lock(&self.state);
             if self.dead.load(Relaxed) {
                 return Ok(());
             }
-            st.file.sync_data()?;
-            let k = st.seg;
-            let file = create_segment(&self.dir, k + 1)?;
-            st.file = Arc::new(file);
+            let old = std::mem::replace(&mut st.file, next);
+            st.retired = Some(Arc::clone(&old));
             st.seg = k + 1;
-            let pos = st.pos;
-            st.rotated_at = pos;
-            let mut s = lock(&self.sync);
-            s.synced = s.synced.max(pos);
-            (k, pos)
+            st.seg_len = 0;
+            st.rotated_at = st.pos;
+            (old, st.pos)
         };
+        // The old segment reaches the disk before the base may replace anything;
+        // until then a group commit syncs it too (`retired`).
+        old.sync_data()?;
+        {
+            let mut st = lock(&self.state);
+            if st.retired.as_ref().is_some_and(|r| Arc::ptr_eq(r, &old)) {
+                st.retired = None;
+            }
+        }
         // 2. Every live value, from memory, into the base file.
         let tmp = self.dir.join(format!("{}.tmp", file_name("base", k)));
         let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);

@@ -88,6 +88,7 @@ impl Recovered {
         }
         let map = Arc::new(Mmap::new(file.as_fd(), len, false)?);
         advise(&map, libc::MADV_SEQUENTIAL);
+        advise(&map, libc::MADV_WILLNEED);
         // SAFETY: the mapping is `len` bytes, readable, and lives as long as `map`,
         // which outlives `b` (this function); the files of the data directory are
         // written only by this daemon, never in place (see FileSlice).
