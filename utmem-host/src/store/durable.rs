@@ -229,6 +229,17 @@ impl Store {
         });
     }
 
+    /// Whether a compaction runs in the background now (tests wait for none before
+    /// they open the same directory again).
+    pub fn compacting(&self) -> bool {
+        self.durable.get().is_some_and(|d| {
+            lock(&d.journals)
+                .iter()
+                .filter_map(Weak::upgrade)
+                .any(|j| j.is_compacting())
+        })
+    }
+
     /// (log file bytes, live record bytes) of an account's durable data.
     pub fn durable_sizes(&self, ident: &Identity) -> Option<(u64, u64)> {
         lock(&ident.journal).as_ref().map(|j| j.sizes())

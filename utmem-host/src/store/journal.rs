@@ -317,6 +317,11 @@ impl Journal {
         }
     }
 
+    /// Whether a compaction is running.
+    pub fn is_compacting(&self) -> bool {
+        self.compacting.load(Relaxed)
+    }
+
     /// Whether dead records outweigh live ones (and the floor).
     pub fn needs_compaction(&self) -> bool {
         let st = lock(&self.state);
