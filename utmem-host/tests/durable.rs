@@ -84,12 +84,14 @@ fn crash_round(seed: u64, fsync: &str, puts: usize) {
     let kill_at = rng.gen_range(1..puts) as u64;
     let keys = (puts / 3).max(1) as u64;
     let mut expect: HashMap<u64, Expect> = HashMap::new();
+    let mut sent = 0u64;
     for i in 0..puts as u64 {
         // A third of the keys, so most are overwritten a few times.
         let k = rng.gen_range(0..keys);
         let len = log_uniform(&mut rng);
         let seed = seed << 32 | i;
         let v = pattern(seed, len);
+        sent += len as u64;
         expect.entry(k).or_default().in_flight = Some((seed, len));
         let h = Conn::keyed(Op::Put, pool, Key::new(k, 0));
         let r = if i == kill_at {
@@ -116,6 +118,10 @@ fn crash_round(seed: u64, fsync: &str, puts: usize) {
             break;
         }
     }
+    eprintln!(
+        "seed {seed:#x} fsync {fsync}: killed during PUT {kill_at} of {puts} ({} MiB sent)",
+        sent >> 20
+    );
     d.restart();
     let (mut c, pool) = open(&d, "crash");
     let mut present = 0;
