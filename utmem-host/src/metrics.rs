@@ -180,7 +180,7 @@ pub fn render(s: &HostSnapshot) -> String {
     for (name, help, v) in host {
         Family::new(&mut out, name, "gauge", help).sample(name, &[], v);
     }
-    let identity: [IdentitySeries; 8] = [
+    let identity: [IdentitySeries; 10] = [
         (
             "utmem_identity_quota_bytes",
             "gauge",
@@ -228,6 +228,18 @@ pub fn render(s: &HostSnapshot) -> String {
             "gauge",
             "Bytes of the identity's arena taken by values, their headers and space parked for readers.",
             |i| i.arena_used,
+        ),
+        (
+            "utmem_durable_log_bytes",
+            "gauge",
+            "Bytes of the identity's durable-pool log files in the data directory.",
+            |i| i.log_bytes,
+        ),
+        (
+            "utmem_durable_log_live_bytes",
+            "gauge",
+            "Of those, bytes of records of live values (compaction reclaims the rest).",
+            |i| i.log_live_bytes,
         ),
     ];
     for (name, kind, help, f) in identity {
