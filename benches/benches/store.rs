@@ -37,6 +37,7 @@ fn store_ops(c: &mut Criterion) {
                                     let req = NewPool {
                                         kind: PoolKind::Private("bench".into()),
                                         ephemeral: false,
+                                        durable: false,
                                     };
                                     let id = store.open_pool(&ident, &req).expect("pool");
                                     let pool = ident.pool(id).expect("pool");

@@ -280,7 +280,16 @@ fn figures(runs: &[(Outcome, f64)]) -> OpFigures {
 /// Runs the comparison; progress on stderr.
 pub fn run(s: &Settings, stop: &dyn Fn() -> bool) -> anyhow::Result<Report> {
     eprintln!("compare: starting utmem-hostd and redis-server");
-    let daemon = Daemon::start(&["--capacity=8G"]);
+    // `--module-option durable=yes`: the host keeps the pool in a data directory.
+    let durable = s
+        .module_options
+        .iter()
+        .any(|(n, v)| n == "durable" && v == "yes");
+    let daemon = if durable {
+        Daemon::start(&["--capacity=8G", "--data-dir=$DIR/data", "--fsync=10ms"])
+    } else {
+        Daemon::start(&["--capacity=8G"])
+    };
     let spec = daemon.spec();
     let args = crate::module_args(&spec, &s.module_options);
     let redis = Redis::start(&args, &["--maxmemory", "0"]);

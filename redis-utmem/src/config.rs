@@ -28,6 +28,14 @@ pub static ON_HOST_DOWN: Mutex<OnHostDown> = Mutex::new(OnHostDown::local);
 /// Use a shared-memory channel to the host when it offers one (a local Unix socket).
 pub static CHANNEL: AtomicBool = AtomicBool::new(true);
 
+/// `durable yes`: the pool is a durable pool of the host (kept across host restarts).
+pub static DURABLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the module's pool is durable.
+pub fn durable() -> bool {
+    DURABLE.load(Relaxed)
+}
+
 /// When UTMEM.SET replies.
 pub static SET_ACK: Mutex<SetAck> = Mutex::new(SetAck::host);
 
@@ -117,7 +125,7 @@ pub fn mapped_read_max() -> usize {
 
 /// The options and their bounds, for messages.
 pub const OPTIONS: &str =
-    "transport, threshold, pool, timeout-ms, on-host-down, max-pending-bytes, mapped-read-max, set-ack, channel";
+    "transport, threshold, pool, timeout-ms, on-host-down, max-pending-bytes, mapped-read-max, set-ack, channel, durable";
 
 /// Bounds of the integer options.
 pub const THRESHOLD_MAX: i64 = 512 << 20;
@@ -163,6 +171,14 @@ pub fn apply_args(args: &[String]) -> Result<(), String> {
                     return Err("option pool: a pool name is 1 to 255 bytes".into());
                 }
                 *POOL.lock().unwrap_or_else(PoisonError::into_inner) = v.to_owned();
+            }
+            "durable" => {
+                let on = match v.to_ascii_lowercase().as_str() {
+                    "yes" => true,
+                    "no" => false,
+                    _ => return Err(format!("option durable: {v:?} is neither `yes` nor `no`")),
+                };
+                DURABLE.store(on, Relaxed);
             }
             "set-ack" => {
                 let mode = match v.to_ascii_lowercase().as_str() {
@@ -238,6 +254,7 @@ mod tests {
         assert!(e(&["on-host-down", "panic"]).starts_with("option on-host-down"));
         assert!(e(&["bogus", "1"]).contains("unknown option"));
         assert!(e(&["channel", "maybe"]).starts_with("option channel"));
+        assert!(e(&["durable", "maybe"]).starts_with("option durable"));
         assert!(e(&["threshold"]).contains("pairs"));
     }
 }

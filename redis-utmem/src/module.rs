@@ -113,11 +113,13 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
     raw::set_module_options(ctx);
     raw::on_fork_child(ctx, on_fork);
     raw::on_before_sleep(ctx, io::chan::before_sleep);
-    match io::start(&spec, &pool, config::timeout()) {
+    let durable = config::durable();
+    match io::start(&spec, &pool, config::timeout(), durable) {
         Ok(m) => {
             ctx.log_notice(&format!(
-                "utmem: transport {} pool {pool} threshold {} (host {})",
+                "utmem: transport {} pool {pool}{} threshold {} (host {})",
                 m.client.target(),
+                if durable { " (durable)" } else { "" },
                 config::threshold(),
                 if m.client.is_connected() {
                     "connected"
@@ -128,7 +130,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
             Status::Ok
         }
         Err(e) => {
-            ctx.log_warning(&format!("utmem: refusing to load: option transport: {e}"));
+            ctx.log_warning(&format!("utmem: refusing to load: {e}"));
             Status::Err
         }
     }

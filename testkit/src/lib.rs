@@ -242,6 +242,16 @@ impl Conn {
         r
     }
 
+    /// Like [`Conn::call`], but a dead peer is an error instead of a panic.
+    pub fn try_call(&mut self, mut h: RequestHeader, payload: &[u8]) -> std::io::Result<Reply> {
+        h.id = RequestId(self.next);
+        self.next += 1;
+        let mut out = BytesMut::new();
+        encode_request(&h, payload, &mut out);
+        self.s.write_all(&out)?;
+        read_reply(&mut self.s, &mut self.buf)
+    }
+
     pub fn hello(&mut self) -> HelloReply {
         let p = HelloRequest {
             min_version: VERSION,
@@ -254,7 +264,16 @@ impl Conn {
     }
 
     pub fn open(&mut self, kind: PoolKind, ephemeral: bool) -> Result<PoolId, Status> {
-        let (flags, payload) = NewPool { kind, ephemeral }.encode();
+        self.open_with(NewPool {
+            kind,
+            ephemeral,
+            durable: false,
+        })
+    }
+
+    /// NEW_POOL with every flag as given.
+    pub fn open_with(&mut self, req: NewPool) -> Result<PoolId, Status> {
+        let (flags, payload) = req.encode();
         let mut h = RequestHeader::new(Op::NewPool, RequestId(0));
         h.flags = flags;
         let r = self.call(h, &payload);

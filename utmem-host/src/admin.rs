@@ -159,11 +159,13 @@ pub fn render(s: &HostSnapshot) -> String {
             i.refusals
         );
         for p in &i.pools {
-            let kind = match (p.shared, p.ephemeral) {
-                (true, true) => "shared, ephemeral",
-                (true, false) => "shared, persistent",
-                (false, true) => "ephemeral",
-                (false, false) => "persistent",
+            let kind = match (p.shared, p.ephemeral, p.durable) {
+                (true, true, _) => "shared, ephemeral",
+                (true, false, true) => "shared, durable",
+                (true, false, false) => "shared, persistent",
+                (false, true, _) => "ephemeral",
+                (false, false, true) => "durable",
+                (false, false, false) => "persistent",
             };
             let label = format!("  #{} {} ({kind})", p.id, p.name);
             let _ = writeln!(out, "{label:<24} {:>10} {:>12}", p.values, p.bytes);

@@ -15,5 +15,6 @@ pub mod server;
 pub mod store;
 
 pub use store::{
-    HostSnapshot, Identity, Policy, Pool, SharedGrant, Store, StoreOptions, VALUE_OVERHEAD,
+    DurableOptions, FsyncPolicy, HostSnapshot, Identity, Policy, Pool, RecoveryReport, SharedGrant,
+    Store, StoreOptions, VALUE_OVERHEAD,
 };

@@ -180,7 +180,7 @@ pub fn render(s: &HostSnapshot) -> String {
     for (name, help, v) in host {
         Family::new(&mut out, name, "gauge", help).sample(name, &[], v);
     }
-    let identity: [IdentitySeries; 8] = [
+    let identity: [IdentitySeries; 10] = [
         (
             "utmem_identity_quota_bytes",
             "gauge",
@@ -228,6 +228,18 @@ pub fn render(s: &HostSnapshot) -> String {
             "gauge",
             "Bytes of the identity's arena taken by values, their headers and space parked for readers.",
             |i| i.arena_used,
+        ),
+        (
+            "utmem_durable_log_bytes",
+            "gauge",
+            "Bytes of the identity's durable-pool log files in the data directory.",
+            |i| i.log_bytes,
+        ),
+        (
+            "utmem_durable_log_live_bytes",
+            "gauge",
+            "Of those, bytes of records of live values (compaction reclaims the rest).",
+            |i| i.log_live_bytes,
         ),
     ];
     for (name, kind, help, f) in identity {
@@ -315,6 +327,7 @@ mod tests {
             name: name.into(),
             shared,
             ephemeral: false,
+            durable: false,
             values: 1,
             bytes,
             counters: PoolCounters {
@@ -341,6 +354,8 @@ mod tests {
             no_space: 0,
             arena_size: 0,
             arena_used: 0,
+            log_bytes: 0,
+            log_live_bytes: 0,
             pools,
         }
     }

@@ -175,6 +175,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let req = NewPool {
                     kind: PoolKind::Private(name.into()),
                     ephemeral: eph,
+                    durable: false,
                 };
                 let id = store
                     .open_pool(&idents[i], &req)

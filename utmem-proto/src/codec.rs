@@ -130,6 +130,7 @@ mod tests {
         let (flags, name) = NewPool {
             kind: PoolKind::Private("ab".into()),
             ephemeral: true,
+            durable: false,
         }
         .encode();
         assert_eq!(
@@ -140,6 +141,7 @@ mod tests {
         let (flags, uuid) = NewPool {
             kind: PoolKind::Shared(PoolUuid([0xee; 16])),
             ephemeral: false,
+            durable: false,
         }
         .encode();
         assert_eq!(
@@ -304,7 +306,7 @@ mod tests {
                                  identity: name.clone() };
             prop_assert_eq!(HelloReply::decode(&r.encode()), Ok(r));
             for kind in [PoolKind::Private(name.clone()), PoolKind::Shared(PoolUuid(uuid))] {
-                let p = NewPool { kind, ephemeral: eph };
+                let p = NewPool { kind, ephemeral: eph, durable: !eph && uuid[0] & 1 == 1 };
                 let (flags, b) = p.encode();
                 prop_assert_eq!(NewPool::decode(flags, &b), Ok(p));
             }

@@ -33,8 +33,8 @@ pub use header::{
 pub use op::{Op, Status};
 pub use payload::{
     ChannelReply, CopyTarget, HelloReply, HelloRequest, IdentityStats, MapReply, NewPool,
-    Placement, PoolKind, CAP_CHANNEL, CAP_COPY, CAP_EPHEMERAL, CAP_MAP, CAP_SHARED, POOL_EPHEMERAL,
-    POOL_SHARED,
+    Placement, PoolKind, CAP_CHANNEL, CAP_COPY, CAP_DURABLE, CAP_EPHEMERAL, CAP_MAP, CAP_SHARED,
+    POOL_DURABLE, POOL_EPHEMERAL, POOL_SHARED,
 };
 pub use queue::OutQueue;
 pub use types::{Index, Key, ObjectId, PoolId, PoolUuid, RequestId};

@@ -16,6 +16,8 @@ pub const CAP_EPHEMERAL: u64 = 1 << 2;
 pub const CAP_MAP: u64 = 1 << 3;
 /// Capability: this connection may open shared-memory channels (CHANNEL).
 pub const CAP_CHANNEL: u64 = 1 << 4;
+/// Capability: the host keeps durable pools (it runs with a data directory).
+pub const CAP_DURABLE: u64 = 1 << 8;
 
 // The arena's layout lives in `crate::arena`; these paths stay for existing users.
 pub use crate::arena::{ARENA_ALIGN, ARENA_HEADER_LEN};
@@ -24,6 +26,8 @@ pub use crate::arena::{ARENA_ALIGN, ARENA_HEADER_LEN};
 pub const POOL_EPHEMERAL: u16 = 1 << 0;
 /// NEW_POOL flag: the pool is shared, named by a uuid (payload = 16 bytes).
 pub const POOL_SHARED: u16 = 1 << 1;
+/// NEW_POOL flag: the pool's values survive a restart of the host (its data directory).
+pub const POOL_DURABLE: u16 = 1 << 2;
 
 fn bad(what: &'static str, why: &'static str) -> DecodeError {
     DecodeError::BadPayload { what, why }
@@ -150,6 +154,8 @@ pub struct NewPool {
     pub kind: PoolKind,
     /// Whether the host may drop values to make room.
     pub ephemeral: bool,
+    /// Whether its values survive a restart of the host (never together with `ephemeral`).
+    pub durable: bool,
 }
 
 impl NewPool {
@@ -161,6 +167,9 @@ impl NewPool {
         let mut flags = 0;
         if self.ephemeral {
             flags |= POOL_EPHEMERAL;
+        }
+        if self.durable {
+            flags |= POOL_DURABLE;
         }
         let payload = match &self.kind {
             PoolKind::Private(name) => name.as_bytes().to_vec(),
@@ -174,10 +183,14 @@ impl NewPool {
 
     /// Parses header flags and payload.
     pub fn decode(flags: u16, b: &[u8]) -> Result<Self, DecodeError> {
-        if flags & !(POOL_EPHEMERAL | POOL_SHARED) != 0 {
+        if flags & !(POOL_EPHEMERAL | POOL_SHARED | POOL_DURABLE) != 0 {
             return Err(bad("NEW_POOL", "unknown flag bits"));
         }
         let ephemeral = flags & POOL_EPHEMERAL != 0;
+        let durable = flags & POOL_DURABLE != 0;
+        if ephemeral && durable {
+            return Err(bad("NEW_POOL", "a pool is not both ephemeral and durable"));
+        }
         let kind = if flags & POOL_SHARED != 0 {
             let uuid: [u8; 16] = b
                 .try_into()
@@ -191,7 +204,11 @@ impl NewPool {
                 std::str::from_utf8(b).map_err(|_| bad("NEW_POOL", "pool name is not UTF-8"))?;
             PoolKind::Private(name.to_owned())
         };
-        Ok(NewPool { kind, ephemeral })
+        Ok(NewPool {
+            kind,
+            ephemeral,
+            durable,
+        })
     }
 }
 

@@ -21,8 +21,13 @@ pub use shared::{connected, host_answers, next_oid, remember_for_retry, shared, 
 pub use socket::{fetch_sync, lost_err, send, FetchError, Job, PutDone};
 
 /// Connects, starts the I/O thread, and has slots flush through [`flush`].
-pub fn start(spec: &str, pool_name: &str, timeout: Duration) -> Result<&'static Shared, String> {
-    let s = shared::init(spec, pool_name, timeout)?;
+pub fn start(
+    spec: &str,
+    pool_name: &str,
+    timeout: Duration,
+    durable: bool,
+) -> Result<&'static Shared, String> {
+    let s = shared::init(spec, pool_name, timeout, durable)?;
     socket::spawn(s.client.clone(), s.pool)?;
     crate::slot::on_unreferenced(flush);
     Ok(s)

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use utmem_client::proto::PoolKind;
+use utmem_client::proto::{NewPool, PoolKind, CAP_DURABLE};
 use utmem_client::{ChannelUse, Client, ClientError, Options, Pool};
 
 use crate::slot::Slot;
@@ -38,6 +38,8 @@ pub struct Shared {
     pub pool: Pool,
     /// Its name.
     pub pool_name: String,
+    /// Whether it is a durable pool (`durable yes`).
+    pub durable: bool,
     /// The transport spec.
     pub spec: String,
     next_oid: AtomicU64,
@@ -59,10 +61,14 @@ pub(super) fn in_parent() -> bool {
 
 /// Connects (a host that is down now is retried later) and registers the pool, which
 /// is emptied the first time it is opened: RDB and AOF are the source of truth.
+///
+/// A durable pool (`durable`) keeps its values across host restarts; a host that is
+/// reachable now and keeps no durable pools is an error.
 pub(super) fn init(
     spec: &str,
     pool_name: &str,
     timeout: Duration,
+    durable: bool,
 ) -> Result<&'static Shared, String> {
     let client = Client::connect_lazy(
         spec,
@@ -77,8 +83,11 @@ pub(super) fn init(
             ..Options::default()
         },
     )
-    .map_err(|e| e.to_string())?;
-    let pool = client.register_pool(PoolKind::Private(pool_name.to_owned()), false, true);
+    .map_err(|e| format!("option transport: {e}"))?;
+    if durable {
+        check_durable(&client, timeout)?;
+    }
+    let pool = client.register(pool_request(pool_name, durable), true);
     let now_us = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(1));
@@ -86,6 +95,7 @@ pub(super) fn init(
         client,
         pool,
         pool_name: pool_name.to_owned(),
+        durable,
         spec: spec.to_owned(),
         // Fresh object ids across restarts too, even if the pool could not be emptied.
         next_oid: AtomicU64::new(now_us),
@@ -95,6 +105,39 @@ pub(super) fn init(
         return Err("the module is already loaded in this process".into());
     }
     shared().ok_or_else(|| "not initialised".to_owned())
+}
+
+/// NEW_POOL of the module's pool.
+fn pool_request(name: &str, durable: bool) -> NewPool {
+    NewPool {
+        kind: PoolKind::Private(name.to_owned()),
+        ephemeral: false,
+        durable,
+    }
+}
+
+/// `durable yes`: the host must offer durable pools. Waits (at most `timeout`, at
+/// most 2 s) for the host's HELLO; a host that cannot be reached now is checked
+/// when it can (its NEW_POOL refusal leaves values in Redis, logged).
+fn check_durable(client: &Client, timeout: Duration) -> Result<(), String> {
+    let t0 = Instant::now();
+    let wait = timeout.min(Duration::from_secs(2));
+    loop {
+        if let Some(h) = client.hello() {
+            if h.capabilities & CAP_DURABLE == 0 {
+                return Err(format!(
+                    "option durable: the host at {} keeps no durable pools \
+                     (start utmem-hostd with --data-dir DIR), or load without `durable yes`",
+                    client.target()
+                ));
+            }
+            return Ok(());
+        }
+        if t0.elapsed() >= wait {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// A fresh object id.
@@ -133,7 +176,7 @@ pub(super) fn client_here() -> Option<(Client, Pool)> {
         ..Options::default()
     };
     let c = Client::connect_lazy(&s.spec, opts).ok()?;
-    let pool = c.register_pool(PoolKind::Private(s.pool_name.clone()), false, false);
+    let pool = c.register(pool_request(&s.pool_name, s.durable), false);
     *child = Some((pid, c.clone(), pool));
     Some((c, pool))
 }

@@ -54,7 +54,15 @@ impl Client {
     /// (e.g. DENIED for a shared pool that is not granted) is an error and registers
     /// nothing.
     pub fn open_pool(&self, kind: PoolKind, ephemeral: bool) -> Result<Pool, ClientError> {
-        let req = NewPool { kind, ephemeral };
+        self.open_pool_with(NewPool {
+            kind,
+            ephemeral,
+            durable: false,
+        })
+    }
+
+    /// [`Client::open_pool`] with every NEW_POOL flag as given (e.g. a durable pool).
+    pub fn open_pool_with(&self, req: NewPool) -> Result<Pool, ClientError> {
         let i = {
             let mut st = self.inner().lock();
             match st.pools.iter().position(|p| p.req == req) {
@@ -104,7 +112,18 @@ impl Client {
     /// (a process that rebuilds its data from elsewhere at start). Never fails: a pool
     /// that cannot be opened makes the requests that use it fail.
     pub fn register_pool(&self, kind: PoolKind, ephemeral: bool, reset: bool) -> Pool {
-        let req = NewPool { kind, ephemeral };
+        self.register(
+            NewPool {
+                kind,
+                ephemeral,
+                durable: false,
+            },
+            reset,
+        )
+    }
+
+    /// [`Client::register_pool`] with every NEW_POOL flag as given (e.g. a durable pool).
+    pub fn register(&self, req: NewPool, reset: bool) -> Pool {
         let inner = self.inner();
         let i = {
             let mut st = inner.lock();

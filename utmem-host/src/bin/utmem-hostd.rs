@@ -13,7 +13,7 @@ use utmem_host::server::{
     DEFAULT_MAX_CONNECTIONS,
 };
 use utmem_host::{admin, metrics};
-use utmem_host::{Policy, Store, StoreOptions, VALUE_OVERHEAD};
+use utmem_host::{DurableOptions, Policy, Store, StoreOptions, VALUE_OVERHEAD};
 use utmem_proto::{DEFAULT_MAX_VALUE, MIN_MAX_VALUE};
 
 /// The utmem host daemon: keeps guests' large values in memory pools on the host.
@@ -81,6 +81,25 @@ struct ServeArgs {
     /// Allow --metrics on a non-loopback address (anyone who reaches it sees the figures).
     #[arg(long, requires = "metrics")]
     metrics_any_address: bool,
+    /// Keep durable pools (NEW_POOL with the durable flag) in this directory, and load
+    /// them from it at start. [default: none; durable pools are refused]
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// When durable pools' records reach the disk: `always` (each change is answered
+    /// after its fdatasync, batched), an interval such as `10ms` (a machine crash
+    /// loses at most that), or `never` (the kernel decides). A kill of the daemon
+    /// loses nothing answered under any of them.
+    #[arg(
+        long,
+        value_name = "POLICY",
+        default_value = "10ms",
+        requires = "data_dir"
+    )]
+    fsync: utmem_host::FsyncPolicy,
+    /// Dead bytes in an identity's durable log that trigger a compaction, once they
+    /// also outweigh the live ones.
+    #[arg(long, value_parser = parse_size, default_value = "64M", requires = "data_dir")]
+    compact_floor: u64,
     /// Log level; RUST_LOG overrides it.
     #[arg(long, default_value = "info",
           value_parser = ["off", "error", "warn", "info", "debug", "trace"])]
@@ -218,6 +237,27 @@ fn run(args: ServeArgs) -> Result<(), String> {
         s.policy,
         opts,
     ));
+    if let Some(dir) = &args.data_dir {
+        let opts = DurableOptions {
+            dir: dir.clone(),
+            fsync: args.fsync,
+            compact_floor: args.compact_floor,
+        };
+        let r = store
+            .open_data_dir(opts)
+            .map_err(|e| format!("data directory {}: {e}", dir.display()))?;
+        tracing::info!(
+            dir = %dir.display(),
+            identities = r.identities,
+            pools = r.pools,
+            values = r.values,
+            bytes = r.bytes,
+            damaged_bytes = r.damaged_bytes,
+            dropped_keys = r.dropped_keys,
+            elapsed = ?r.elapsed,
+            "durable pools loaded"
+        );
+    }
     let server = ServerConfig {
         max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
         timeouts: Timeouts {

@@ -283,6 +283,9 @@ impl Channel {
             cq.push(&cqe.encode());
         }
         if n > 0 {
+            // `fsync always`: completions of durable changes are published once their
+            // records are on disk (one wait per batch).
+            crate::store::wait_durable();
             sq.release();
             cq.publish();
             self.sq_head = sq.head;

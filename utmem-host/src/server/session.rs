@@ -24,7 +24,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use utmem_proto::{
     encode_reply, ChannelReply, CopyTarget, DecodeError, HelloReply, HelloRequest, Limits,
     MapReply, NewPool, Op, OutQueue, ReplyHeader, RequestHeader, Status, CAP_CHANNEL, CAP_COPY,
-    CAP_EPHEMERAL, CAP_MAP, CAP_SHARED, REQUEST_HEADER_LEN, VERSION,
+    CAP_DURABLE, CAP_EPHEMERAL, CAP_MAP, CAP_SHARED, REQUEST_HEADER_LEN, VERSION,
 };
 
 use super::channel::{self, ChannelHandle, Service};
@@ -504,6 +504,9 @@ impl Session {
     /// Writes what the socket takes: the queued replies, then the MAP reply with the
     /// arena's descriptors.
     fn flush(&mut self) -> io::Result<()> {
+        // `fsync always`: the replies of durable changes go out once their records are
+        // on disk (one wait per batch, shared with other threads: group commit).
+        crate::store::wait_durable();
         let fd = self.fd.as_fd();
         while !self.out.is_empty() {
             match self.out.write_with(1024, |iov| sys::writev(fd, iov)) {
@@ -691,6 +694,11 @@ impl Session {
                         | if self.can_map { CAP_MAP } else { 0 }
                         | if self.can_map && self.service.is_some() {
                             CAP_CHANNEL
+                        } else {
+                            0
+                        }
+                        | if self.store.is_durable() {
+                            CAP_DURABLE
                         } else {
                             0
                         },

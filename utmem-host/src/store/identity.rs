@@ -58,6 +58,8 @@ pub struct Identity {
     last_seen: Mutex<Instant>,
     /// The value arena its local clients map, made on the first MAP.
     pub(crate) arena: Mutex<Option<Arc<super::Arena>>>,
+    /// The log of its durable pools, made when the first one opens (or at recovery).
+    pub(crate) journal: Mutex<Option<Arc<super::journal::Journal>>>,
 }
 
 impl Identity {
@@ -75,6 +77,7 @@ impl Identity {
             refusals_pending: AtomicUsize::new(0),
             last_seen: Mutex::new(Instant::now()),
             arena: Mutex::new(None),
+            journal: Mutex::new(None),
         }
     }
 

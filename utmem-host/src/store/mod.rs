@@ -16,17 +16,23 @@
 //! is given back when dropped.
 
 mod arena;
+mod durable;
 mod eviction;
 mod identity;
+mod journal;
 mod policy;
 mod pool;
+mod record;
+mod recovery;
 mod reservation;
 mod snapshot;
 
 pub(crate) use arena::memfd;
 pub use arena::{extent_len, Arena, ArenaBuf, ReaderWord};
+pub use durable::{DurableOptions, RecoveryReport};
 pub use eviction::{EvictionPolicy, Lru};
 pub use identity::Identity;
+pub use journal::{wait_durable, FsyncPolicy, COMPACT_FLOOR};
 pub use policy::{Policy, SharedGrant};
 pub use pool::Pool;
 pub use reservation::Reservation;
@@ -34,7 +40,9 @@ pub use snapshot::{HostSnapshot, IdentitySnapshot, PoolCounters, PoolSnapshot};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{
+    Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
+};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -42,6 +50,7 @@ use utmem_proto::{IdentityStats, Key, NewPool, ObjectId, PoolId, PoolKind, PoolU
 
 use identity::Counters;
 use pool::{PoolInner, Removed};
+use record::{record_len, Kind};
 
 /// Identities of shared pools' own accounts start with this prefix.
 pub const SHARED_ACCOUNT_PREFIX: &str = "shared:";
@@ -82,6 +91,8 @@ pub struct Store {
     identities: RwLock<HashMap<String, Arc<Identity>>>,
     shared: Mutex<HashMap<PoolUuid, Arc<Pool>>>,
     policy: RwLock<Policy>,
+    /// The data directory, once [`Store::open_data_dir`] ran: durable pools allowed.
+    durable: OnceLock<durable::Durability>,
 }
 
 impl Store {
@@ -101,6 +112,7 @@ impl Store {
             identities: RwLock::new(HashMap::new()),
             shared: Mutex::new(HashMap::new()),
             policy: RwLock::new(policy),
+            durable: OnceLock::new(),
         }
     }
 
@@ -188,6 +200,9 @@ impl Store {
         if caller.is_dropped() {
             return Err(Status::Denied);
         }
+        if req.durable && (req.ephemeral || self.durable.get().is_none()) {
+            return Err(Status::BadRequest);
+        }
         let known = read(&caller.pools).by_kind.get(&req.kind).copied();
         if let Some(id) = known {
             match caller.pool(id) {
@@ -196,7 +211,11 @@ impl Store {
                 Some(pool) if pool.lock().destroyed => {
                     caller.forget(id);
                 }
-                Some(pool) if pool.ephemeral == req.ephemeral => return Ok(id),
+                Some(pool)
+                    if pool.ephemeral == req.ephemeral && pool.is_durable() == req.durable =>
+                {
+                    return Ok(id)
+                }
                 Some(_) => return Err(Status::BadRequest),
                 None => return Err(Status::UnknownPool),
             }
@@ -213,6 +232,7 @@ impl Store {
             PoolKind::Private(_) => Arc::new(Pool::new(
                 req.kind.clone(),
                 req.ephemeral,
+                self.journal_if(req.durable, caller)?,
                 Arc::clone(caller),
             )),
             PoolKind::Shared(uuid) => {
@@ -226,7 +246,7 @@ impl Store {
                     shared.remove(uuid);
                 }
                 if let Some(p) = shared.get(uuid) {
-                    if p.ephemeral != req.ephemeral {
+                    if p.ephemeral != req.ephemeral || p.is_durable() != req.durable {
                         return Err(Status::BadRequest);
                     }
                     Arc::clone(p)
@@ -235,7 +255,8 @@ impl Store {
                         "{SHARED_ACCOUNT_PREFIX}{}",
                         uuid::Uuid::from_bytes(uuid.0)
                     ));
-                    let p = Arc::new(Pool::new(req.kind.clone(), req.ephemeral, account));
+                    let journal = self.journal_if(req.durable, &account)?;
+                    let p = Arc::new(Pool::new(req.kind.clone(), req.ephemeral, journal, account));
                     Self::register(&p.account, &p)?;
                     shared.insert(*uuid, Arc::clone(&p));
                     p
@@ -286,6 +307,13 @@ impl Store {
     fn destroy(&self, pool: &Pool) {
         let mut inner = pool.lock();
         inner.destroyed = true;
+        if let Some(j) = &pool.journal {
+            let (n, bytes) = inner.counts();
+            let dead = n * record_len(&pool.kind, 0) + bytes;
+            if let Err(e) = j.append(Kind::DropPool, &pool.kind, Key::default(), &[], dead) {
+                tracing::error!(dir = %j.dir().display(), "cannot log a pool drop: {e}");
+            }
+        }
         let (n, bytes) = inner.drain();
         drop(inner);
         self.release(&pool.account, bytes, n);
@@ -297,10 +325,14 @@ impl Store {
     /// values), NO_SPACE and the old value stays. Ephemeral pools: the old value is
     /// dropped first, then least-recently-used values until the new one fits.
     pub fn put(&self, caller: &Identity, pool: &Pool, key: Key, value: Bytes) -> Status {
-        match self.reserve_put(caller, pool, key, value.len() as u64) {
+        let status = match self.reserve_put(caller, pool, key, value.len() as u64) {
             Ok(r) => self.commit_put(caller, pool, key, value, r),
             Err(s) => s,
+        };
+        if pool.journal.is_some() {
+            wait_durable();
         }
+        status
     }
 
     /// Reserves what a PUT of `len` bytes under `key` will be charged, before its
@@ -365,6 +397,9 @@ impl Store {
         let acct = &pool.account;
         let len = value.len() as u64;
         let new = self.charge_of(len);
+        if let Some(j) = &pool.journal {
+            j.throttle();
+        }
         let mut inner = pool.lock();
         if inner.destroyed {
             return Status::UnknownPool;
@@ -386,6 +421,17 @@ impl Store {
                 return Status::NoSpace;
             }
             res.add(more);
+        }
+        if let Some(j) = &pool.journal {
+            let dead = old_len.map_or(0, |n| record_len(&pool.kind, n));
+            if let Err(e) = j.append(Kind::Put, &pool.kind, key, &value, dead) {
+                tracing::error!(dir = %j.dir().display(), "PUT refused: cannot log it: {e}");
+                refuse_no_space(caller, pool);
+                return Status::NoSpace;
+            }
+            if j.needs_compaction() {
+                self.compact_later(j, acct);
+            }
         }
         // From here the value is stored: the account keeps `need` of the reservation
         // (the growth over the old value) and gives back the rest, and what the old
@@ -516,6 +562,12 @@ impl Store {
         if inner.destroyed {
             return Status::UnknownPool;
         }
+        if let (Some(j), Some(n)) = (&pool.journal, inner.len_of(key)) {
+            let dead = record_len(&pool.kind, n);
+            if let Err(e) = j.append(Kind::Flush, &pool.kind, key, &[], dead) {
+                tracing::error!(dir = %j.dir().display(), "cannot log a FLUSH: {e}");
+            }
+        }
         if let Some(Removed(n)) = inner.remove(key) {
             self.release(&pool.account, n, 1);
         }
@@ -528,7 +580,22 @@ impl Store {
         if inner.destroyed {
             return Status::UnknownPool;
         }
-        for key in inner.keys_of(oid) {
+        let keys = inner.keys_of(oid);
+        if let (Some(j), false) = (&pool.journal, keys.is_empty()) {
+            let dead: u64 = keys
+                .iter()
+                .filter_map(|k| inner.len_of(*k))
+                .map(|n| record_len(&pool.kind, n))
+                .sum();
+            let key = Key {
+                oid,
+                ..Key::default()
+            };
+            if let Err(e) = j.append(Kind::FlushObject, &pool.kind, key, &[], dead) {
+                tracing::error!(dir = %j.dir().display(), "cannot log a FLUSH_OBJECT: {e}");
+            }
+        }
+        for key in keys {
             if let Some(Removed(n)) = inner.remove(key) {
                 self.release(&pool.account, n, 1);
             }
@@ -580,6 +647,13 @@ impl Store {
             lock(&self.shared).retain(|_, p| !Arc::ptr_eq(&p.account, &ident));
         }
         let before = ident.used();
+        let journal = lock(&ident.journal).take();
+        if let Some(j) = &journal {
+            // Its durable data goes too: nothing more is logged, the directory is removed.
+            if let Err(e) = j.delete() {
+                tracing::error!(dir = %j.dir().display(), "cannot delete durable data: {e}");
+            }
+        }
         for (id, pool) in ident.open_pools() {
             if Arc::ptr_eq(&pool.account, &ident) {
                 self.destroy(&pool);
@@ -594,6 +668,8 @@ impl Store {
         let stale: Vec<String> = read(&self.identities)
             .values()
             .filter(|i| !i.name.starts_with(SHARED_ACCOUNT_PREFIX))
+            // Durable data outlives idleness: only drop-identity removes it.
+            .filter(|i| lock(&i.journal).is_none())
             .filter(|i| i.idle_since().is_some_and(|t| t.elapsed() >= idle))
             .map(|i| i.name.clone())
             .collect();
@@ -647,6 +723,7 @@ mod tests {
         let req = NewPool {
             kind: PoolKind::Private(name.into()),
             ephemeral: false,
+            durable: false,
         };
         let id = s.open_pool(who, &req).expect("open");
         who.pool(id).expect("pool")
@@ -719,6 +796,7 @@ mod tests {
         let req = NewPool {
             kind: PoolKind::Private("one-too-many".into()),
             ephemeral: false,
+            durable: false,
         };
         assert_eq!(s.open_pool(&a, &req), Err(Status::NoSpace));
         s.destroy_pool(&a, PoolId(u32::MAX));
@@ -735,6 +813,7 @@ mod tests {
         let req = NewPool {
             kind: PoolKind::Private("p8".into()),
             ephemeral: false,
+            durable: false,
         };
         assert_eq!(s.open_pool(&a, &req), Err(Status::NoSpace));
         // Reopening one it has is not a new pool.
@@ -757,6 +836,7 @@ mod tests {
         let req = NewPool {
             kind: PoolKind::Shared(u),
             ephemeral: false,
+            durable: false,
         };
         (s, u, req)
     }

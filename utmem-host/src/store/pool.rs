@@ -8,6 +8,7 @@ use utmem_proto::{Key, ObjectId, PoolKind};
 
 use super::eviction::{EvictionPolicy, Lru};
 use super::identity::{Counters, Identity};
+use super::journal::Journal;
 use super::lock;
 
 /// A pool of values; all its bytes are charged to one account.
@@ -15,6 +16,8 @@ use super::lock;
 pub struct Pool {
     pub(crate) kind: PoolKind,
     pub(crate) ephemeral: bool,
+    /// Its changes go to this log first (a durable pool; see [`super::journal`]).
+    pub(crate) journal: Option<Arc<Journal>>,
     /// The identity charged for this pool's bytes (for a shared pool, its own account).
     pub(crate) account: Arc<Identity>,
     /// What was done to this pool, by whichever identity (all grantees of a shared pool).
@@ -82,6 +85,10 @@ impl PoolInner {
         self.values.range(lo..=hi).map(|(k, _)| *k).collect()
     }
 
+    pub(crate) fn values(&self) -> impl Iterator<Item = (&Key, &Bytes)> {
+        self.values.iter()
+    }
+
     pub(crate) fn victim(&self) -> Option<Key> {
         self.eviction.as_ref().and_then(|e| e.victim())
     }
@@ -103,7 +110,12 @@ impl PoolInner {
 }
 
 impl Pool {
-    pub(crate) fn new(kind: PoolKind, ephemeral: bool, account: Arc<Identity>) -> Self {
+    pub(crate) fn new(
+        kind: PoolKind,
+        ephemeral: bool,
+        journal: Option<Arc<Journal>>,
+        account: Arc<Identity>,
+    ) -> Self {
         let inner = PoolInner {
             eviction: ephemeral.then(|| Box::<Lru>::default() as Box<dyn EvictionPolicy>),
             ..PoolInner::default()
@@ -111,6 +123,7 @@ impl Pool {
         Pool {
             kind,
             ephemeral,
+            journal,
             account,
             counters: Counters::default(),
             inner: Mutex::new(inner),
@@ -129,6 +142,11 @@ impl Pool {
     /// Whether the host may drop its values to make room.
     pub fn is_ephemeral(&self) -> bool {
         self.ephemeral
+    }
+
+    /// Whether its values survive a restart of the host.
+    pub fn is_durable(&self) -> bool {
+        self.journal.is_some()
     }
 
     /// Values and bytes it holds now.

@@ -60,6 +60,12 @@ pub struct IdentitySnapshot {
     /// Bytes of its arena held by values and their headers (or parked).
     #[serde(default)]
     pub arena_used: u64,
+    /// Bytes of its durable pools' log files in the data directory.
+    #[serde(default)]
+    pub log_bytes: u64,
+    /// Of those, bytes of records of live values (the rest is reclaimed by compaction).
+    #[serde(default)]
+    pub log_live_bytes: u64,
     /// Pools it has open.
     pub pools: Vec<PoolSnapshot>,
 }
@@ -75,6 +81,9 @@ pub struct PoolSnapshot {
     pub shared: bool,
     /// Whether it is ephemeral.
     pub ephemeral: bool,
+    /// Whether it is durable (kept in the data directory across restarts).
+    #[serde(default)]
+    pub durable: bool,
     /// Values it holds.
     pub values: u64,
     /// Bytes it holds.
@@ -143,12 +152,14 @@ impl Store {
                             name,
                             shared,
                             ephemeral: p.is_ephemeral(),
+                            durable: p.is_durable(),
                             values,
                             bytes,
                             counters: PoolCounters::of(&p.counters),
                         }
                     })
                     .collect();
+                let (log_bytes, log_live_bytes) = self.durable_sizes(i).unwrap_or((0, 0));
                 IdentitySnapshot {
                     name: i.name.clone(),
                     quota: i.quota(),
@@ -165,6 +176,8 @@ impl Store {
                     no_space: c.no_space.load(Relaxed),
                     arena_size,
                     arena_used,
+                    log_bytes,
+                    log_live_bytes,
                     pools,
                 }
             })

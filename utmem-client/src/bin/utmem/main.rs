@@ -24,6 +24,9 @@ struct Cli {
     /// Pool name (a persistent pool of your identity).
     #[arg(long, default_value = "default")]
     pool: String,
+    /// Open the pool durable (kept across host restarts; the host needs --data-dir).
+    #[arg(long)]
+    durable: bool,
     /// Per-request timeout in milliseconds (at least 1).
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
     timeout_ms: u64,
@@ -125,7 +128,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
         _ => None,
     };
     let client = Client::connect(&cli.connect, opts)?;
-    let pool = client.open_pool(PoolKind::Private(cli.pool.clone()), false)?;
+    let pool = client.open_pool_with(utmem_client::proto::NewPool {
+        kind: PoolKind::Private(cli.pool.clone()),
+        ephemeral: false,
+        durable: cli.durable,
+    })?;
     let key = |oid: u64| Key::new(oid, 0);
     match cli.command {
         Command::Ping => {
