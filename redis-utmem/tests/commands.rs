@@ -166,6 +166,7 @@ fn values_round_trip_and_types() {
     // Plain GET of an offloaded key is WRONGTYPE, like any other non-string type.
     assert!(redis::cmd("GET").arg("big").query::<Value>(&mut c).is_err());
     assert_eq!(d.wait_pool_values(&pool(&r), 1), (1, 100_000));
+    r.wait_offloaded();
     assert_eq!(r.info("utmem", "utmem_offloaded_values"), "1");
     assert_eq!(r.info("utmem", "utmem_offloaded_bytes"), "100000");
     let usage: i64 = redis::cmd("MEMORY")
@@ -473,6 +474,7 @@ fn no_space_keeps_values_in_redis() {
             .expect("get");
         assert_eq!(v, pattern(i, 40_000));
     }
+    r.wait_offloaded();
     assert_eq!(r.info("utmem", "utmem_offloaded_values"), "2");
     assert_eq!(r.info("utmem", "utmem_inline_values"), "3");
     assert!(

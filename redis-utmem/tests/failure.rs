@@ -387,6 +387,7 @@ fn info_counts_values_and_lost_ones() {
             "OK"
         );
     }
+    r.wait_offloaded();
     assert_eq!(info_num(&r, "utmem_offloaded_values"), 3);
     // The operator drops this Redis's identity: the host forgets its values.
     let uid = nix::unistd::getuid().as_raw();
