@@ -87,6 +87,13 @@ impl Daemon {
         };
         d.wait_for(&d.sock);
         d.wait_for(&d.admin);
+        // And every extra Unix listener (`--listen=unix:PATH[=NAME]`) the test gave.
+        for a in &d.args {
+            if let Some(rest) = a.strip_prefix("--listen=unix:") {
+                let path = rest.split('=').next().unwrap_or(rest);
+                d.wait_for(Path::new(path));
+            }
+        }
         d
     }
 
