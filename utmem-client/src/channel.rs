@@ -18,8 +18,8 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{self, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -27,13 +27,10 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use utmem_proto::channel::{
     arm, wants_kick, ChannelMem, Cqe, Sqe, CLIENT_NEED_WAKEUP, HOST_DEAD, HOST_NEED_WAKEUP,
 };
-use utmem_proto::{
-    ChannelReply, Key, Limits, Op, PoolId, ReplyHeader, RequestHeader, RequestId, Status,
-    REPLY_HEADER_LEN,
-};
+use utmem_proto::{ChannelReply, Key, Limits, Op, PoolId, RequestId, Status};
 use utmem_sys as sys;
 
-use crate::mapped::MapError;
+use crate::mapped::{check_sealed, request_fds, MapError};
 
 /// Payloads start at multiples of this in staging.
 const ALIGN: u64 = 64;
@@ -83,54 +80,12 @@ pub struct Completion {
     pub value: Option<bytes::Bytes>,
 }
 
-fn check_sealed(fd: &OwnedFd, len: u64) -> Result<(), MapError> {
-    let bad = |why: String| MapError::Unsafe {
-        what: "channel",
-        why,
-    };
-    let need = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
-    let seals = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GET_SEALS)
-        .map_err(|e| bad(format!("cannot read its seals ({e}): not a sealable memfd")))?;
-    if seals & need != need {
-        return Err(bad(format!(
-            "seals {seals:#x} lack F_SEAL_SHRINK|F_SEAL_GROW"
-        )));
-    }
-    let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| bad(format!("fstat: {e}")))?;
-    if u64::try_from(st.st_size).unwrap_or(0) < len {
-        return Err(bad(format!("{} bytes, {len} announced", st.st_size)));
-    }
-    Ok(())
-}
-
 impl Channel {
     /// Sends CHANNEL on a socket nobody else reads yet and maps what comes back, after
     /// checking that the region cannot shrink under us and that its header is sane.
-    pub fn open(mut sock: &UnixStream, limits: &Limits) -> Result<Channel, MapError> {
-        sock.write_all(&RequestHeader::new(Op::Channel, RequestId(0)).encode())?;
-        let mut buf = [0u8; REPLY_HEADER_LEN + ChannelReply::LEN];
-        let mut got = 0;
-        let mut want = REPLY_HEADER_LEN;
-        let mut fds: Vec<OwnedFd> = Vec::new();
-        while got < want {
-            let (n, f) = sys::recv_with_fds(sock.as_fd(), &mut buf[got..want])?;
-            if n == 0 {
-                return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
-            }
-            fds.extend(f);
-            got += n;
-            if got == REPLY_HEADER_LEN {
-                let mut hb = [0u8; REPLY_HEADER_LEN];
-                hb.copy_from_slice(&buf[..REPLY_HEADER_LEN]);
-                let h = ReplyHeader::decode(&hb, limits)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                if h.op != Op::Channel || h.status != Status::Ok {
-                    return Err(io::Error::other(format!("CHANNEL refused: {}", h.status)).into());
-                }
-                want = buf.len();
-            }
-        }
-        let reply = ChannelReply::decode(&buf[REPLY_HEADER_LEN..])
+    pub fn open(sock: &UnixStream, limits: &Limits) -> Result<Channel, MapError> {
+        let (payload, fds) = request_fds(sock, Op::Channel, ChannelReply::LEN, limits)?;
+        let reply = ChannelReply::decode(&payload)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         let [region, submit, complete] = <[OwnedFd; 3]>::try_from(fds).map_err(|f| {
             io::Error::other(format!(
@@ -138,7 +93,7 @@ impl Channel {
                 f.len()
             ))
         })?;
-        check_sealed(&region, reply.len)?;
+        check_sealed(&region, reply.len, "channel")?;
         let file = File::from(region);
         let geo = ChannelMem::read_geometry(&file).map_err(io::Error::other)?;
         if geo.region_len() != reply.len {
@@ -369,9 +324,7 @@ impl Channel {
         if !wants_kick(self.mem.host_flags(), HOST_NEED_WAKEUP) {
             return false;
         }
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from a live buffer to an eventfd we hold.
-        unsafe { libc::write(self.submit.as_raw_fd(), one.as_ptr().cast(), 8) };
+        sys::eventfd_kick(self.submit.as_fd());
         true
     }
 
@@ -448,9 +401,7 @@ impl Channel {
 
     /// Resets the *complete* eventfd after it woke us.
     pub fn clear_wakeup(&self) {
-        let mut b = [0u8; 8];
-        // SAFETY: reads at most 8 bytes into a live buffer from an eventfd we hold.
-        unsafe { libc::read(self.complete.as_raw_fd(), b.as_mut_ptr().cast(), 8) };
+        sys::eventfd_drain(self.complete.as_fd());
     }
 
     /// Takes every request still in flight (the channel is dead): their ids.

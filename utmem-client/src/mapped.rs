@@ -88,33 +88,9 @@ pub enum MapError {
 impl Mapped {
     /// Sends MAP on a socket nobody else reads yet and maps what comes back, after
     /// checking that neither descriptor can shrink under us.
-    pub fn open(mut sock: &UnixStream, limits: &Limits) -> Result<Mapped, MapError> {
-        sock.write_all(&RequestHeader::new(Op::Map, RequestId(0)).encode())?;
-        let fd = sock.as_fd();
-        let mut buf = [0u8; REPLY_HEADER_LEN + MapReply::LEN];
-        let mut got = 0;
-        let mut fds: Vec<OwnedFd> = Vec::new();
-        // The header alone first: a refusal has no payload (and no descriptor).
-        let mut want = REPLY_HEADER_LEN;
-        while got < want {
-            let (n, f) = sys::recv_with_fds(fd, &mut buf[got..want])?;
-            if n == 0 {
-                return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
-            }
-            fds.extend(f);
-            got += n;
-            if got == REPLY_HEADER_LEN {
-                let mut hb = [0u8; REPLY_HEADER_LEN];
-                hb.copy_from_slice(&buf[..REPLY_HEADER_LEN]);
-                let h = ReplyHeader::decode(&hb, limits)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                if h.op != Op::Map || h.status != Status::Ok {
-                    return Err(io::Error::other(format!("MAP refused: {:?}", h.status)).into());
-                }
-                want = buf.len();
-            }
-        }
-        let reply = MapReply::decode(&buf[REPLY_HEADER_LEN..])
+    pub fn open(sock: &UnixStream, limits: &Limits) -> Result<Mapped, MapError> {
+        let (payload, fds) = request_fds(sock, Op::Map, MapReply::LEN, limits)?;
+        let reply = MapReply::decode(&payload)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         let [arena, word] = <[OwnedFd; 2]>::try_from(fds).map_err(|f| {
             io::Error::other(format!(
@@ -279,12 +255,47 @@ fn map_word(fd: OwnedFd) -> Result<ReaderWordMem, MapError> {
 /// Maps `fd` (`len` bytes, shared) after checking that it is sealed against shrinking
 /// and growing and at least `len` bytes long: a file that could shrink would turn our
 /// reads into SIGBUS.
-fn map_sealed(
-    fd: OwnedFd,
-    len: usize,
-    writable: bool,
-    what: &'static str,
-) -> Result<MmapRegion, MapError> {
+/// Sends `op` (no payload) on a socket nobody else reads yet and reads its reply: the
+/// `reply_len`-byte payload and the descriptors that came with it (SCM_RIGHTS). A
+/// refusal is an error (it has no payload and no descriptor).
+pub(crate) fn request_fds(
+    mut sock: &UnixStream,
+    op: Op,
+    reply_len: usize,
+    limits: &Limits,
+) -> Result<(Vec<u8>, Vec<OwnedFd>), MapError> {
+    sock.write_all(&RequestHeader::new(op, RequestId(0)).encode())?;
+    let mut buf = vec![0u8; REPLY_HEADER_LEN + reply_len];
+    let mut got = 0;
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    // The header alone first: a refusal has no payload (and no descriptor).
+    let mut want = REPLY_HEADER_LEN;
+    while got < want {
+        let (n, f) = sys::recv_with_fds(sock.as_fd(), &mut buf[got..want])?;
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+        }
+        fds.extend(f);
+        got += n;
+        if got == REPLY_HEADER_LEN {
+            let mut hb = [0u8; REPLY_HEADER_LEN];
+            hb.copy_from_slice(&buf[..REPLY_HEADER_LEN]);
+            let h = ReplyHeader::decode(&hb, limits)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            if h.op != op || h.status != Status::Ok {
+                let name = format!("{op:?}").to_uppercase();
+                return Err(io::Error::other(format!("{name} refused: {}", h.status)).into());
+            }
+            want = buf.len();
+        }
+    }
+    buf.drain(..REPLY_HEADER_LEN);
+    Ok((buf, fds))
+}
+
+/// Checks that `fd` is a memfd sealed against shrinking and growing and at least
+/// `len` bytes long, so that a mapping of it can never fault under us.
+pub(crate) fn check_sealed(fd: &OwnedFd, len: u64, what: &'static str) -> Result<(), MapError> {
     let bad = |why: String| MapError::Unsafe { what, why };
     let need = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
     let seals = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GET_SEALS)
@@ -296,12 +307,22 @@ fn map_sealed(
     }
     let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| bad(format!("fstat: {e}")))?;
     let size = u64::try_from(st.st_size).unwrap_or(0);
-    if size < len as u64 {
+    if size < len {
         return Err(bad(format!("{size} bytes, {len} announced")));
     }
     if len == 0 {
         return Err(bad("empty".into()));
     }
+    Ok(())
+}
+
+fn map_sealed(
+    fd: OwnedFd,
+    len: usize,
+    writable: bool,
+    what: &'static str,
+) -> Result<MmapRegion, MapError> {
+    check_sealed(&fd, len as u64, what)?;
     let prot = if writable {
         libc::PROT_READ | libc::PROT_WRITE
     } else {

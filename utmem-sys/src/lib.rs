@@ -1,8 +1,8 @@
 //! The raw fd operations utmem's host and client share: a read into a buffer's spare capacity
 //! (so value buffers are never zero-filled before the socket overwrites them)
 //! and a vectored write (so headers and shared value buffers go out together
-//! without being copied into one buffer), a shared mapping of the value arena, and
-//! passing the arena's descriptor over a Unix socket.
+//! without being copied into one buffer), a shared mapping of the value arena,
+//! passing descriptors over a Unix socket, and the eventfds that kick a channel's peer.
 
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -173,4 +173,30 @@ pub fn recv_with_fds(
         }
     }
     Ok((msg.bytes, got))
+}
+
+/// A new non-blocking, close-on-exec eventfd (a channel's doorbell).
+pub fn eventfd() -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: eventfd takes two integers and returns a new descriptor or -1.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adds one to an eventfd (a kick); a full counter is as good as a kick.
+pub fn eventfd_kick(fd: BorrowedFd<'_>) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live buffer to a descriptor the caller holds.
+    unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) };
+}
+
+/// Resets an eventfd's counter (after it woke us).
+pub fn eventfd_drain(fd: BorrowedFd<'_>) {
+    let mut b = [0u8; 8];
+    // SAFETY: reads at most 8 bytes into a live buffer from a descriptor the caller holds.
+    unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), 8) };
 }

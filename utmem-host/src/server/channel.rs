@@ -21,7 +21,7 @@
 #![allow(clippy::cast_possible_truncation)]
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
@@ -37,6 +37,8 @@ use utmem_proto::channel::{
 };
 use utmem_proto::{Op, RequestId, Status};
 use vm_memory::VolatileSlice;
+
+use utmem_sys as sys;
 
 use crate::store::{memfd, Arena, ArenaBuf, Identity, Pool, Reservation, Store};
 
@@ -62,30 +64,6 @@ pub const GEOMETRY: Geometry = Geometry {
     cq_entries: RING_ENTRIES,
     staging_len: STAGING_LEN,
 };
-
-fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: eventfd takes two integers and returns a new descriptor or -1.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just created and is owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Adds one to an eventfd (a kick); a full counter is as good as a kick.
-pub fn kick(fd: BorrowedFd<'_>) {
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: writes 8 bytes from a live buffer to a descriptor we hold.
-    unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) };
-}
-
-/// Resets an eventfd's counter.
-pub fn drain(fd: BorrowedFd<'_>) {
-    let mut b = [0u8; 8];
-    // SAFETY: reads at most 8 bytes into a live buffer from a descriptor we hold.
-    unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), 8) };
-}
 
 /// The service threads.
 #[derive(Debug)]
@@ -164,8 +142,8 @@ impl Service {
         let region = file.try_clone()?;
         let mem = ChannelMem::map(file, GEOMETRY).map_err(io::Error::other)?;
         mem.init_header();
-        let submit = eventfd()?;
-        let complete = eventfd()?;
+        let submit = sys::eventfd()?;
+        let complete = sys::eventfd()?;
         let arena = store.arena(ident).ok();
         let closed = Arc::new(AtomicBool::new(false));
         let ch = Channel {
@@ -291,7 +269,7 @@ impl Channel {
             self.sq_head = sq.head;
             self.cq_tail = cq.tail;
             if wants_kick(self.mem.client_flags(), CLIENT_NEED_WAKEUP) {
-                kick(self.complete.as_fd());
+                sys::eventfd_kick(self.complete.as_fd());
             }
         }
         Ok(n)
@@ -573,7 +551,7 @@ impl Worker {
                     if ev.token() == WAKER {
                         self.adopt();
                     } else if let Some(Some(ch)) = self.channels.get(ev.token().0) {
-                        drain(ch.submit.as_fd());
+                        sys::eventfd_drain(ch.submit.as_fd());
                     }
                 }
             }
@@ -639,7 +617,7 @@ impl Worker {
             Some(why) => tracing::warn!(identity = %name, "channel ended: {why}"),
         }
         ch.mem.host_flags().fetch_or(HOST_DEAD, Ordering::SeqCst);
-        kick(ch.complete.as_fd());
+        sys::eventfd_kick(ch.complete.as_fd());
         // A partial PUT's reservation and buffer go with it.
     }
 }
