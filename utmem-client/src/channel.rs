@@ -40,8 +40,7 @@ const ALIGN: u64 = 64;
 #[derive(Debug)]
 pub struct Channel {
     mem: ChannelMem,
-    submit: OwnedFd,
-    complete: OwnedFd,
+    bell: Bell,
     state: Mutex<State>,
     /// Largest payload one descriptor may carry.
     max_payload: u64,
@@ -59,6 +58,21 @@ struct State {
     inflight: VecDeque<InRing>,
     /// The host broke the channel's rules (completions out of order, bad status).
     broken: bool,
+}
+
+/// How the two sides wake each other.
+#[derive(Debug)]
+pub(crate) enum Bell {
+    /// A local channel: the *submit* and *complete* eventfds.
+    Eventfds {
+        /// We kick it.
+        submit: OwnedFd,
+        /// The host kicks it.
+        complete: OwnedFd,
+    },
+    /// A guest device: the doorbell ioctl, and the device file that becomes readable
+    /// on the host's interrupt.
+    Device(std::sync::Arc<crate::device::Device>),
 }
 
 /// A request in the ring: its id, the staging total to give back to once it
@@ -100,21 +114,26 @@ impl Channel {
             return Err(io::Error::other("CHANNEL reply and header disagree on the length").into());
         }
         let mem = ChannelMem::map(file, geo).map_err(io::Error::other)?;
-        Ok(Channel {
-            max_payload: geo.staging_len / 2,
+        Ok(Channel::new(mem, Bell::Eventfds { submit, complete }, 0, 0))
+    }
+
+    /// A channel over `mem`, whose rings stand at `sq_tail` and `cq_head` (a device
+    /// slot another process used before: see [`crate::device`]).
+    pub(crate) fn new(mem: ChannelMem, bell: Bell, sq_tail: u32, cq_head: u32) -> Channel {
+        Channel {
+            max_payload: mem.geometry().staging_len / 2,
             mem,
-            submit,
-            complete,
+            bell,
             state: Mutex::new(State {
-                sq_tail: 0,
-                cq_head: 0,
+                sq_tail,
+                cq_head,
                 next_id: 1,
                 head: 0,
                 tail: 0,
                 inflight: VecDeque::new(),
                 broken: false,
             }),
-        })
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -129,7 +148,9 @@ impl Channel {
 
     /// The host ended the channel, or broke its rules: nothing more will complete.
     pub fn is_dead(&self) -> bool {
-        self.mem.host_flags().load(Ordering::Acquire) & HOST_DEAD != 0 || self.lock().broken
+        self.mem.host_flags().load(Ordering::Acquire) & HOST_DEAD != 0
+            || matches!(&self.bell, Bell::Device(d) if !d.serving())
+            || self.lock().broken
     }
 
     /// Requests submitted and not yet completed.
@@ -139,7 +160,10 @@ impl Channel {
 
     /// The eventfd the host kicks when it completed requests and we asked for a kick.
     pub fn complete_fd(&self) -> BorrowedFd<'_> {
-        self.complete.as_fd()
+        match &self.bell {
+            Bell::Eventfds { complete, .. } => complete.as_fd(),
+            Bell::Device(d) => d.as_fd(),
+        }
     }
 
     /// Staging room for `len` bytes: the offset, and the running total to give back on
@@ -324,7 +348,10 @@ impl Channel {
         if !wants_kick(self.mem.host_flags(), HOST_NEED_WAKEUP) {
             return false;
         }
-        sys::eventfd_kick(self.submit.as_fd());
+        match &self.bell {
+            Bell::Eventfds { submit, .. } => sys::eventfd_kick(submit.as_fd()),
+            Bell::Device(d) => d.kick(),
+        }
         true
     }
 
@@ -401,7 +428,10 @@ impl Channel {
 
     /// Resets the *complete* eventfd after it woke us.
     pub fn clear_wakeup(&self) {
-        sys::eventfd_drain(self.complete.as_fd());
+        match &self.bell {
+            Bell::Eventfds { complete, .. } => sys::eventfd_drain(complete.as_fd()),
+            Bell::Device(d) => d.clear(),
+        }
     }
 
     /// Takes every request still in flight (the channel is dead): their ids.

@@ -30,7 +30,7 @@ pub enum ClientError {
     #[error("utmem request timed out after {} ms", .0.as_millis())]
     Timeout(Duration),
     /// A transport spec that does not parse.
-    #[error("bad transport {spec:?}: expected unix:/path, vsock:PORT, vsock:CID:PORT or auto")]
+    #[error("bad transport {spec:?}: expected unix:/path, vsock:PORT, vsock:CID:PORT, device:/dev/utmem or auto")]
     BadSpec {
         /// What was given.
         spec: String,

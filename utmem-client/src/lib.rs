@@ -12,6 +12,7 @@
 
 pub mod channel;
 pub mod client;
+pub mod device;
 pub mod error;
 pub mod mapped;
 pub mod request;

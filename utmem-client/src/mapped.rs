@@ -67,6 +67,9 @@ pub struct Mapped {
     /// Private: readers inside now, entries admitted in this busy period, and whether
     /// the shared word is being moved (see the module docs).
     readers: AtomicU64,
+    /// The guest device whose slot the reader word is (held open: closing it gives
+    /// the slot back).
+    _device: Option<std::sync::Arc<crate::device::Device>>,
 }
 
 /// Why a MAP was not taken.
@@ -104,7 +107,24 @@ impl Mapped {
             populated_to: AtomicU64::new(0),
             word: map_word(word)?,
             readers: AtomicU64::new(0),
+            _device: None,
         })
+    }
+
+    /// A mapping made elsewhere (the guest device's): the arena and this client's
+    /// reader word.
+    pub(crate) fn from_parts(
+        arena: ArenaMem,
+        word: ReaderWordMem,
+        device: std::sync::Arc<crate::device::Device>,
+    ) -> Mapped {
+        Mapped {
+            arena,
+            populated_to: AtomicU64::new(0),
+            word,
+            readers: AtomicU64::new(0),
+            _device: Some(device),
+        }
     }
 
     /// Enters as a reader; false if the word is busy changing hands for longer than a
@@ -367,6 +387,7 @@ mod tests {
             populated_to: AtomicU64::new(0),
             word: map_word(memfd(4096, s)).expect("word"),
             readers: AtomicU64::new(0),
+            _device: None,
         }
     }
 

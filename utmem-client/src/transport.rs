@@ -69,6 +69,10 @@ pub trait Transport: Send + Sync + fmt::Debug {
     fn connect(&self) -> io::Result<Stream>;
     /// The spec string, for messages.
     fn describe(&self) -> String;
+    /// The guest device to take channels and mapped reads from, if any.
+    fn device(&self) -> Option<&std::path::Path> {
+        None
+    }
 }
 
 /// A Unix socket path.
@@ -104,11 +108,45 @@ impl Transport for VsockTransport {
     }
 }
 
+/// The guest device for channels and mapped reads, vsock for the rest.
+#[derive(Debug, Clone)]
+pub struct DeviceTransport {
+    /// The device node.
+    pub path: PathBuf,
+    /// The socket to the same identity.
+    pub control: VsockTransport,
+}
+
+impl Transport for DeviceTransport {
+    fn connect(&self) -> io::Result<Stream> {
+        self.control.connect()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "device:{} (and {})",
+            self.path.display(),
+            self.control.describe()
+        )
+    }
+
+    fn device(&self) -> Option<&std::path::Path> {
+        Some(&self.path)
+    }
+}
+
 /// The transport a spec names (`auto` is resolved first, and logged).
 pub fn from_spec(spec: &Spec) -> Result<Box<dyn Transport>, ClientError> {
     match spec.resolve() {
         Spec::Unix(p) => Ok(Box::new(UnixTransport(p))),
         Spec::Vsock { cid, port } => Ok(Box::new(VsockTransport { cid, port })),
+        Spec::Device { path, port } => Ok(Box::new(DeviceTransport {
+            path,
+            control: VsockTransport {
+                cid: crate::spec::HOST_CID,
+                port,
+            },
+        })),
         Spec::Auto => Err(ClientError::BadSpec {
             spec: "auto".into(),
         }),

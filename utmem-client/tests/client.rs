@@ -293,7 +293,7 @@ fn unreachable_and_bad_specs_are_clear() {
     assert!(matches!(e, ClientError::BadSpec { .. }), "{e}");
     assert!(e
         .to_string()
-        .contains("unix:/path, vsock:PORT, vsock:CID:PORT or auto"));
+        .contains("unix:/path, vsock:PORT, vsock:CID:PORT, device:/dev/utmem or auto"));
 }
 
 #[test]

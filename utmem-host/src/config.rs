@@ -18,7 +18,9 @@ pub enum ConfigError {
     )]
     BadSize(String),
     /// A listener spec of the wrong form.
-    #[error("bad listener {0:?}: expected unix:PATH, unix:PATH=NAME or vsock:PORT")]
+    #[error(
+        "bad listener {0:?}: expected unix:PATH, unix:PATH=NAME, vsock:PORT or ivshmem:PATH=NAME"
+    )]
     BadListen(String),
     /// A uuid that does not parse.
     #[error("bad shared pool uuid {0:?}")]
@@ -80,6 +82,14 @@ pub enum ListenSpec {
         /// Port.
         port: u32,
     },
+    /// An ivshmem server socket for one VM's `ivshmem-doorbell` device (the guest's
+    /// `/dev/utmem`): the region of identity `name`.
+    Ivshmem {
+        /// Socket path (QEMU's `-chardev socket,path=`).
+        path: PathBuf,
+        /// The VM's identity (its hybrid-vsock listener's name).
+        name: String,
+    },
 }
 
 impl std::str::FromStr for ListenSpec {
@@ -99,6 +109,16 @@ impl std::str::FromStr for ListenSpec {
                 path: PathBuf::from(path),
                 name,
             })
+        } else if let Some(rest) = s.strip_prefix("ivshmem:") {
+            match rest.rsplit_once('=') {
+                Some((p, n)) if !p.is_empty() && !n.is_empty() && !n.contains('/') => {
+                    Ok(ListenSpec::Ivshmem {
+                        path: PathBuf::from(p),
+                        name: n.to_owned(),
+                    })
+                }
+                _ => Err(bad()),
+            }
         } else if let Some(port) = s.strip_prefix("vsock:") {
             Ok(ListenSpec::Vsock {
                 port: port.parse().map_err(|_| bad())?,
@@ -224,6 +244,18 @@ mod tests {
             "vsock:7719".parse::<ListenSpec>().unwrap(),
             ListenSpec::Vsock { port: 7719 }
         );
+        assert_eq!(
+            "ivshmem:/run/vm1.ivshmem=vm1"
+                .parse::<ListenSpec>()
+                .unwrap(),
+            ListenSpec::Ivshmem {
+                path: "/run/vm1.ivshmem".into(),
+                name: "vm1".into()
+            }
+        );
+        for bad in ["ivshmem:/x", "ivshmem:=vm", "ivshmem:/x=", "ivshmem:/x=a/b"] {
+            assert!(bad.parse::<ListenSpec>().is_err(), "{bad}");
+        }
         for bad in ["tcp:1", "unix:", "vsock:x", "vsock:"] {
             assert!(bad.parse::<ListenSpec>().is_err(), "{bad}");
         }

@@ -405,6 +405,32 @@ impl ChannelMem {
         Ok(ChannelMem { map, geo })
     }
 
+    /// A channel in a mapping the caller made (at an offset of a larger region, such
+    /// as a guest device's); the mapping must be at least the geometry's length.
+    pub fn from_map(map: MmapRegion, geo: Geometry) -> Result<ChannelMem, LayoutError> {
+        geo.check()?;
+        let len = geo.region_len();
+        if (map.len() as u64) < len {
+            return Err(LayoutError::Map(format!(
+                "{} bytes, {len} needed",
+                map.len()
+            )));
+        }
+        Ok(ChannelMem { map, geo })
+    }
+
+    /// Zeroes the header page (indices and flags from an earlier user included) and
+    /// writes a new header: the host, reusing a region for a new peer.
+    pub fn reset_header(&self) {
+        let s = self.map.as_volatile_slice();
+        let page = s
+            .subslice(0, CHANNEL_HEADER_LEN as usize)
+            .expect("the header page is inside the region");
+        page.write_slice(&[0u8; CHANNEL_HEADER_LEN as usize], 0)
+            .expect("inside the header");
+        self.init_header();
+    }
+
     /// Writes the header of a new channel (the host, before passing it on).
     pub fn init_header(&self) {
         let g = &self.geo;
@@ -429,25 +455,32 @@ impl ChannelMem {
         let mut h = [0u8; 64];
         std::os::unix::fs::FileExt::read_exact_at(file, &mut h, 0)
             .map_err(|e| LayoutError::Map(e.to_string()))?;
-        if u32_at(&h, off::MAGIC) != CHANNEL_MAGIC {
+        Self::geometry_of(&h)
+    }
+
+    /// Checks a header's first 64 bytes (copied out of the region) and returns its
+    /// geometry.
+    pub fn geometry_of(h: &[u8; 64]) -> Result<Geometry, LayoutError> {
+        let h = &h[..];
+        if u32_at(h, off::MAGIC) != CHANNEL_MAGIC {
             return Err(LayoutError::Header("bad magic"));
         }
-        if u32_at(&h, off::VERSION) != CHANNEL_VERSION {
+        if u32_at(h, off::VERSION) != CHANNEL_VERSION {
             return Err(LayoutError::Header("unknown version"));
         }
-        if u64_at(&h, off::FEATURES) & FEATURES != FEATURES {
+        if u64_at(h, off::FEATURES) & FEATURES != FEATURES {
             return Err(LayoutError::Header("missing features"));
         }
         let geo = Geometry {
-            sq_entries: u32_at(&h, off::SQ_ENTRIES),
-            cq_entries: u32_at(&h, off::CQ_ENTRIES),
-            staging_len: u64_at(&h, off::STAGING_LEN),
+            sq_entries: u32_at(h, off::SQ_ENTRIES),
+            cq_entries: u32_at(h, off::CQ_ENTRIES),
+            staging_len: u64_at(h, off::STAGING_LEN),
         };
         geo.check()?;
-        let same = u64_at(&h, off::SQ_OFF) == geo.sq_off()
-            && u64_at(&h, off::CQ_OFF) == geo.cq_off()
-            && u64_at(&h, off::STAGING_OFF) == geo.staging_off()
-            && u64_at(&h, off::REGION_LEN) == geo.region_len();
+        let same = u64_at(h, off::SQ_OFF) == geo.sq_off()
+            && u64_at(h, off::CQ_OFF) == geo.cq_off()
+            && u64_at(h, off::STAGING_OFF) == geo.staging_off()
+            && u64_at(h, off::REGION_LEN) == geo.region_len();
         if !same {
             return Err(LayoutError::Header("offsets do not follow the layout"));
         }
@@ -468,6 +501,25 @@ impl ChannelMem {
         self.map
             .get_atomic_ref::<AtomicU32>(at)
             .expect("header words are aligned and inside the region")
+    }
+
+    /// The submission ring's shared tail and head now (a client taking over a ring
+    /// that another process used).
+    pub fn sq_indices(&self) -> (u32, u32) {
+        (
+            self.word(off::SQ_TAIL).load(Ordering::Acquire),
+            self.word(off::SQ_HEAD).load(Ordering::Acquire),
+        )
+    }
+
+    /// The completion ring's shared tail now.
+    pub fn cq_tail_now(&self) -> u32 {
+        self.word(off::CQ_TAIL).load(Ordering::Acquire)
+    }
+
+    /// Consumes every completion up to `tail` unread (the same client).
+    pub fn skip_completions(&self, tail: u32) {
+        self.word(off::CQ_HEAD).store(tail, Ordering::Release);
     }
 
     /// Host flags word.

@@ -76,7 +76,8 @@ impl Limits {
             | Op::Stats
             | Op::Ping
             | Op::Map
-            | Op::Channel => 0,
+            | Op::Channel
+            | Op::Device => 0,
         }
     }
 
@@ -88,6 +89,7 @@ impl Limits {
             Op::Put => crate::payload::Placement::LEN as u64,
             Op::Map => crate::payload::MapReply::LEN as u64,
             Op::Channel => crate::payload::ChannelReply::LEN as u64,
+            Op::Device => crate::payload::DeviceReply::LEN as u64,
             Op::DestroyPool | Op::Flush | Op::FlushObject | Op::Copy | Op::Ping => 0,
         }
     }

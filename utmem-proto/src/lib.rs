@@ -16,6 +16,7 @@
 pub mod arena;
 pub mod channel;
 pub mod codec;
+pub mod device;
 pub mod error;
 pub mod header;
 pub mod op;
@@ -32,9 +33,9 @@ pub use header::{
 };
 pub use op::{Op, Status};
 pub use payload::{
-    ChannelReply, CopyTarget, HelloReply, HelloRequest, IdentityStats, MapReply, NewPool,
-    Placement, PoolKind, CAP_CHANNEL, CAP_COPY, CAP_DURABLE, CAP_EPHEMERAL, CAP_MAP, CAP_SHARED,
-    POOL_DURABLE, POOL_EPHEMERAL, POOL_SHARED,
+    ChannelReply, CopyTarget, DeviceReply, HelloReply, HelloRequest, IdentityStats, MapReply,
+    NewPool, Placement, PoolKind, CAP_CHANNEL, CAP_COPY, CAP_DEVICE, CAP_DURABLE, CAP_EPHEMERAL,
+    CAP_MAP, CAP_SHARED, POOL_DURABLE, POOL_EPHEMERAL, POOL_SHARED,
 };
 pub use queue::OutQueue;
 pub use types::{Index, Key, ObjectId, PoolId, PoolUuid, RequestId};

@@ -35,11 +35,14 @@ pub enum Op {
     /// [`crate::ChannelReply`] and, as SCM_RIGHTS, the region's memfd, the *submit*
     /// eventfd and the *complete* eventfd (see [`crate::channel`]).
     Channel = 12,
+    /// Which guest device region serves the caller's identity now: the reply carries
+    /// a [`crate::DeviceReply`], or MISS when none does (see [`crate::device`]).
+    Device = 13,
 }
 
 impl Op {
     /// Every op, in wire order.
-    pub const ALL: [Op; 12] = [
+    pub const ALL: [Op; 13] = [
         Op::Hello,
         Op::NewPool,
         Op::DestroyPool,
@@ -52,6 +55,7 @@ impl Op {
         Op::Ping,
         Op::Map,
         Op::Channel,
+        Op::Device,
     ];
 }
 

@@ -16,6 +16,8 @@ pub const CAP_EPHEMERAL: u64 = 1 << 2;
 pub const CAP_MAP: u64 = 1 << 3;
 /// Capability: this connection may open shared-memory channels (CHANNEL).
 pub const CAP_CHANNEL: u64 = 1 << 4;
+/// The host answers DEVICE (guest device regions, see [`crate::device`]).
+pub const CAP_DEVICE: u64 = 1 << 5;
 /// Capability: the host keeps durable pools (it runs with a data directory).
 pub const CAP_DURABLE: u64 = 1 << 8;
 
@@ -328,6 +330,41 @@ impl ChannelReply {
             return Err(bad("CHANNEL reply", "length is not 8"));
         }
         Ok(ChannelReply { len: u64_at(b, 0) })
+    }
+}
+
+/// DEVICE reply payload (16 bytes): the instance and length of the guest device region
+/// that serves the caller's identity now (its header must say the same, or the
+/// device in the guest is from an earlier host run).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceReply {
+    /// The region header's `instance`.
+    pub instance: u64,
+    /// The region's length.
+    pub len: u64,
+}
+
+impl DeviceReply {
+    /// Wire size.
+    pub const LEN: usize = 16;
+
+    /// Wire bytes.
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[..8].copy_from_slice(&self.instance.to_le_bytes());
+        b[8..].copy_from_slice(&self.len.to_le_bytes());
+        b
+    }
+
+    /// Parses the payload.
+    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
+        if b.len() != Self::LEN {
+            return Err(bad("DEVICE reply", "length is not 16"));
+        }
+        Ok(DeviceReply {
+            instance: u64_at(b, 0),
+            len: u64_at(b, 8),
+        })
     }
 }
 

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::process::Command;
 
 use utmem_proto::channel::{self, cqe_off, off, sqe_off};
+use utmem_proto::device::{self, ioctl};
 use utmem_proto::{Op, Status};
 
 const PROGRAM: &str = r#"
@@ -39,11 +40,11 @@ int main(void) {
 }
 "#;
 
-fn c_values() -> HashMap<String, u64> {
+fn c_values(program: &str) -> HashMap<String, u64> {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("layout.c");
     let bin = dir.path().join("layout");
-    std::fs::write(&src, PROGRAM).unwrap();
+    std::fs::write(&src, program).unwrap();
     let include = concat!(env!("CARGO_MANIFEST_DIR"), "/../include");
     let cc = Command::new("cc")
         .args(["-std=c11", "-Wall", "-Werror", "-I", include, "-o"])
@@ -69,7 +70,7 @@ fn c_values() -> HashMap<String, u64> {
 
 #[test]
 fn the_c_header_matches_the_rust_layout() {
-    let c = c_values();
+    let c = c_values(PROGRAM);
     let want: Vec<(&str, u64)> = vec![
         ("utmem_channel_header.magic", off::MAGIC as u64),
         ("utmem_channel_header.version", off::VERSION as u64),
@@ -145,4 +146,93 @@ fn the_c_header_matches_the_rust_layout() {
         want.len(),
         "every line of the C program is checked"
     );
+}
+
+const DEVICE_PROGRAM: &str = r#"
+#include <stddef.h>
+#include <stdio.h>
+#include "utmem_device.h"
+#define F(s, f) printf(#s "." #f " %zu\n", offsetof(struct s, f))
+#define C(c) printf(#c " %llu\n", (unsigned long long)(c))
+int main(void) {
+	F(utmem_device_header, magic); F(utmem_device_header, version);
+	F(utmem_device_header, region_len); F(utmem_device_header, slots);
+	F(utmem_device_header, slot_off); F(utmem_device_header, slot_stride);
+	F(utmem_device_header, word_off); F(utmem_device_header, chan_off);
+	F(utmem_device_header, chan_len); F(utmem_device_header, arena_off);
+	F(utmem_device_header, instance); F(utmem_device_header, state);
+	F(utmem_dev_info, region_len); F(utmem_dev_info, events); F(utmem_dev_info, version);
+	F(utmem_dev_info, peer_id); F(utmem_dev_info, slots); F(utmem_dev_info, state);
+	F(utmem_dev_wait, seen); F(utmem_dev_wait, timeout_ms); F(utmem_dev_wait, reserved);
+	printf("sizeof.info %zu\nsizeof.wait %zu\n", sizeof(struct utmem_dev_info), sizeof(struct utmem_dev_wait));
+	C(UTMEM_DEVICE_MAGIC); C(UTMEM_DEVICE_VERSION); C(UTMEM_DEVICE_HEADER_LEN);
+	C(UTMEM_DEVICE_MAX_SLOTS); C(UTMEM_DEVICE_STATE_NONE); C(UTMEM_DEVICE_STATE_SERVING);
+	C(UTMEM_DEVICE_STATE_GONE); C(UTMEM_PCI_VENDOR); C(UTMEM_PCI_DEVICE);
+	C(UTMEM_REG_INTR_MASK); C(UTMEM_REG_INTR_STATUS); C(UTMEM_REG_IV_POSITION);
+	C(UTMEM_REG_DOORBELL); C(UTMEM_HOST_PEER);
+	C(UTMEM_IOC_INFO); C(UTMEM_IOC_KICK); C(UTMEM_IOC_WAIT); C(UTMEM_IOC_CLAIM);
+	return 0;
+}
+"#;
+
+#[test]
+fn the_device_header_matches_the_rust_abi() {
+    use device::off as d;
+    let c = c_values(DEVICE_PROGRAM);
+    let want: Vec<(&str, u64)> = vec![
+        ("utmem_device_header.magic", d::MAGIC as u64),
+        ("utmem_device_header.version", d::VERSION as u64),
+        ("utmem_device_header.region_len", d::REGION_LEN as u64),
+        ("utmem_device_header.slots", d::SLOTS as u64),
+        ("utmem_device_header.slot_off", d::SLOT_OFF as u64),
+        ("utmem_device_header.slot_stride", d::SLOT_STRIDE as u64),
+        ("utmem_device_header.word_off", d::WORD_OFF as u64),
+        ("utmem_device_header.chan_off", d::CHAN_OFF as u64),
+        ("utmem_device_header.chan_len", d::CHAN_LEN as u64),
+        ("utmem_device_header.arena_off", d::ARENA_OFF as u64),
+        ("utmem_device_header.instance", d::INSTANCE as u64),
+        ("utmem_device_header.state", d::STATE as u64),
+        ("utmem_dev_info.region_len", 0),
+        ("utmem_dev_info.events", 8),
+        ("utmem_dev_info.version", 16),
+        ("utmem_dev_info.peer_id", 20),
+        ("utmem_dev_info.slots", 24),
+        ("utmem_dev_info.state", 28),
+        ("utmem_dev_wait.seen", 0),
+        ("utmem_dev_wait.timeout_ms", 8),
+        ("utmem_dev_wait.reserved", 12),
+        ("sizeof.info", u64::from(ioctl::INFO_LEN)),
+        ("sizeof.wait", u64::from(ioctl::WAIT_LEN)),
+        ("UTMEM_DEVICE_MAGIC", u64::from(device::DEVICE_MAGIC)),
+        ("UTMEM_DEVICE_VERSION", u64::from(device::DEVICE_VERSION)),
+        ("UTMEM_DEVICE_HEADER_LEN", device::HEADER_LEN),
+        ("UTMEM_DEVICE_MAX_SLOTS", u64::from(device::MAX_SLOTS)),
+        ("UTMEM_DEVICE_STATE_NONE", u64::from(device::STATE_NONE)),
+        (
+            "UTMEM_DEVICE_STATE_SERVING",
+            u64::from(device::STATE_SERVING),
+        ),
+        ("UTMEM_DEVICE_STATE_GONE", u64::from(device::STATE_GONE)),
+        ("UTMEM_PCI_VENDOR", u64::from(device::PCI_VENDOR)),
+        ("UTMEM_PCI_DEVICE", u64::from(device::PCI_DEVICE)),
+        ("UTMEM_REG_INTR_MASK", u64::from(device::REG_INTR_MASK)),
+        ("UTMEM_REG_INTR_STATUS", u64::from(device::REG_INTR_STATUS)),
+        ("UTMEM_REG_IV_POSITION", u64::from(device::REG_IV_POSITION)),
+        ("UTMEM_REG_DOORBELL", u64::from(device::REG_DOORBELL)),
+        ("UTMEM_HOST_PEER", u64::from(device::HOST_PEER)),
+        ("UTMEM_IOC_INFO", u64::from(ioctl::INFO)),
+        ("UTMEM_IOC_KICK", u64::from(ioctl::KICK)),
+        ("UTMEM_IOC_WAIT", u64::from(ioctl::WAIT)),
+        ("UTMEM_IOC_CLAIM", u64::from(ioctl::CLAIM)),
+    ];
+    for (name, v) in &want {
+        assert_eq!(c.get(*name), Some(v), "{name} in include/utmem_device.h");
+    }
+    assert_eq!(
+        c.len(),
+        want.len(),
+        "every line of the C program is checked"
+    );
+    assert_eq!(std::mem::size_of::<ioctl::Info>(), ioctl::INFO_LEN as usize);
+    assert_eq!(std::mem::size_of::<ioctl::Wait>(), ioctl::WAIT_LEN as usize);
 }

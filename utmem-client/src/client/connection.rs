@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use utmem_proto::{
-    HelloReply, HelloRequest, IdentityStats, Limits, Op, OutQueue, Placement, PoolId, ReplyHeader,
-    RequestHeader, RequestId, Status, CAP_CHANNEL, CAP_COPY, CAP_MAP, REPLY_HEADER_LEN,
-    REQUEST_HEADER_LEN, VERSION,
+    DeviceReply, HelloReply, HelloRequest, IdentityStats, Limits, Op, OutQueue, Placement, PoolId,
+    ReplyHeader, RequestHeader, RequestId, Status, CAP_CHANNEL, CAP_COPY, CAP_DEVICE, CAP_MAP,
+    REPLY_HEADER_LEN, REQUEST_HEADER_LEN, VERSION,
 };
 use utmem_sys as sys;
 
@@ -21,6 +21,7 @@ use super::pipeline::Pending;
 use super::pools::PoolState;
 use super::{fail_all, ChannelUse, Completion, Inner, Live, State};
 use crate::channel::Channel;
+use crate::device::Device;
 use crate::error::ClientError;
 use crate::mapped::Mapped;
 use crate::request::Response;
@@ -147,6 +148,20 @@ impl Inner {
         let hello =
             HelloReply::decode(&payload).map_err(|e| ClientError::Protocol(e.to_string()))?;
         limits.max_value = hello.max_value;
+        if let Some(path) = self.transport.device() {
+            let (mapped, channel) = self.device_plane(path, &stream, &limits, &hello);
+            let mut h = Handshake {
+                stream,
+                limits,
+                hello,
+                mapped,
+                channel,
+                pools: Vec::new(),
+                seen: 0,
+            };
+            self.open_pools(&mut h)?;
+            return Ok(h);
+        }
         let mapped = match &stream {
             Stream::Unix(s) if self.opts.map && hello.capabilities & CAP_MAP != 0 => {
                 match Mapped::open(s, &limits) {
@@ -186,6 +201,86 @@ impl Inner {
         };
         self.open_pools(&mut h)?;
         Ok(h)
+    }
+
+    /// The guest device's arena mapping and channel for this connection's identity,
+    /// if the host serves the device now (DEVICE on the socket names the region's
+    /// instance); otherwise none, logged, and everything goes over the socket.
+    fn device_plane(
+        &self,
+        path: &std::path::Path,
+        stream: &Stream,
+        limits: &Limits,
+        hello: &HelloReply,
+    ) -> (Option<Mapped>, Option<Channel>) {
+        let t = self.timeout();
+        let fall_back = |why: String| {
+            tracing::warn!(
+                "{}: {why}; using {} only",
+                path.display(),
+                self.transport.describe()
+            );
+            (None, None)
+        };
+        if hello.capabilities & CAP_DEVICE == 0 {
+            return fall_back("the host does not offer the device".into());
+        }
+        let served = match call_sync(stream, limits, Op::Device, 0, PoolId(0), &[]) {
+            Ok((h, p)) if h.status == Status::Ok => match DeviceReply::decode(&p) {
+                Ok(d) => d,
+                Err(e) => return fall_back(format!("bad DEVICE reply: {e}")),
+            },
+            Ok((h, _)) => {
+                return fall_back(format!(
+                    "the host serves no device for this VM ({})",
+                    h.status
+                ))
+            }
+            Err(e) => return fall_back(format!("DEVICE: {e} (timeout {t:?})")),
+        };
+        let dev = match Device::open(path) {
+            Ok(d) => d,
+            Err(e) => return fall_back(e.to_string()),
+        };
+        if dev.instance() != served.instance || dev.region_len() != served.len {
+            return fall_back(
+                "its region is from an earlier host run (QEMU's ivshmem cannot reconnect; restart the VM to use it again)"
+                    .into(),
+            );
+        }
+        let mapped = if self.opts.map {
+            match dev.mapped() {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::warn!(
+                        "{}: values will be read over the socket: {e}",
+                        path.display()
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let channel = if self.opts.channel == ChannelUse::Off {
+            None
+        } else {
+            match dev.channel() {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!("{}: requests will go over the socket: {e}", path.display());
+                    None
+                }
+            }
+        };
+        tracing::info!(
+            device = %path.display(),
+            slot = dev.slot(),
+            mapped = mapped.is_some(),
+            channel = channel.is_some(),
+            "using the guest device"
+        );
+        (mapped, channel)
     }
 
     /// Makes a finished handshake the current connection and starts its reader.

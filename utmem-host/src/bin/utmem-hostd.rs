@@ -8,9 +8,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use utmem_host::config::{default_capacity, parse_size, ConfigFile, ListenSpec};
+use utmem_host::server::device::{self, DeviceListener};
 use utmem_host::server::{
-    default_io_threads, serve as serve_listeners, Listener, ServerConfig, Timeouts,
-    DEFAULT_MAX_CONNECTIONS,
+    default_io_threads, serve_all, Listener, ServerConfig, Timeouts, DEFAULT_MAX_CONNECTIONS,
 };
 use utmem_host::{admin, metrics};
 use utmem_host::{DurableOptions, Policy, Store, StoreOptions, VALUE_OVERHEAD};
@@ -29,7 +29,9 @@ struct Cli {
 #[derive(Debug, clap::Args)]
 struct ServeArgs {
     /// Where guests connect: unix:PATH, unix:PATH=NAME (every client is identity NAME,
-    /// e.g. a VM's hybrid-vsock socket <uds>_<port>) or vsock:PORT. Repeatable.
+    /// e.g. a VM's hybrid-vsock socket <uds>_<port>), vsock:PORT, or ivshmem:PATH=NAME
+    /// (the ivshmem server for VM NAME's `ivshmem-doorbell` device, its `/dev/utmem`;
+    /// give its hybrid-vsock listener the same NAME). Repeatable.
     /// [default: none; the config file's `listen`]
     #[arg(long, value_name = "SPEC")]
     listen: Vec<ListenSpec>,
@@ -294,23 +296,27 @@ fn run(args: ServeArgs) -> Result<(), String> {
         admin::spawn(sock, Arc::clone(&store));
     }
     let mut listeners = Vec::new();
+    let mut devices = Vec::new();
     for spec in &s.listen {
-        match Listener::bind(spec) {
-            Ok(l) => {
+        let bound = match spec {
+            ListenSpec::Ivshmem { path, name } => DeviceListener::bind(path, name).map(|d| {
+                created.push(d.path().to_owned());
+                tracing::info!("listening on {}", d.describe());
+                devices.push(d);
+            }),
+            _ => Listener::bind(spec).map(|l| {
                 created.extend(l.path().map(Path::to_owned));
+                tracing::info!("listening on {}", l.describe());
                 listeners.push(l);
-            }
-            Err(e) => {
-                cleanup(&created);
-                return Err(e.to_string());
-            }
+            }),
+        };
+        if let Err(e) = bound {
+            cleanup(&created);
+            return Err(e.to_string());
         }
     }
-    for l in &listeners {
-        tracing::info!("listening on {}", l.describe());
-    }
-    if !listeners.is_empty() {
-        serve_listeners(listeners, Arc::clone(&store), server).map_err(|e| {
+    if !listeners.is_empty() || !devices.is_empty() {
+        serve_all(listeners, devices, Arc::clone(&store), server).map_err(|e| {
             cleanup(&created);
             format!("cannot start the server threads: {e}")
         })?;
@@ -353,6 +359,7 @@ fn run(args: ServeArgs) -> Result<(), String> {
             }
         }
     }
+    device::shutdown();
     cleanup(&created);
     Ok(())
 }

@@ -145,13 +145,46 @@ impl Service {
         let submit = sys::eventfd()?;
         let complete = sys::eventfd()?;
         let arena = store.arena(ident).ok();
+        let handle = self.serve(
+            store,
+            ident,
+            arena,
+            mem,
+            submit.try_clone()?,
+            complete.try_clone()?,
+        )?;
+        Ok((
+            handle,
+            ChannelFds {
+                region: OwnedFd::from(region),
+                submit,
+                complete,
+                len,
+            },
+        ))
+    }
+}
+
+impl Service {
+    /// Serves a channel whose header the caller wrote, in `mem`, for `ident`: PUTs
+    /// that fit go to `arena`. The host waits for kicks on `submit` (it may be shared
+    /// with other channels, as a guest device's doorbell is) and kicks `complete`.
+    pub fn serve(
+        &self,
+        store: &Arc<Store>,
+        ident: &Arc<Identity>,
+        arena: Option<Arc<Arena>>,
+        mem: ChannelMem,
+        submit: OwnedFd,
+        complete: OwnedFd,
+    ) -> io::Result<ChannelHandle> {
         let closed = Arc::new(AtomicBool::new(false));
         let ch = Channel {
             mem,
             sq_head: 0,
             cq_tail: 0,
-            submit: submit.try_clone()?,
-            complete: complete.try_clone()?,
+            submit,
+            complete,
             exec: Exec {
                 store: Arc::clone(store),
                 owner: Arc::clone(ident),
@@ -165,19 +198,10 @@ impl Service {
         t.tx.send(ch)
             .map_err(|_| io::Error::other("the channel service thread is gone"))?;
         t.waker.wake()?;
-        let handle = ChannelHandle {
+        Ok(ChannelHandle {
             closed,
             waker: Arc::clone(&t.waker),
-        };
-        Ok((
-            handle,
-            ChannelFds {
-                region: OwnedFd::from(region),
-                submit,
-                complete,
-                len,
-            },
-        ))
+        })
     }
 }
 

@@ -93,6 +93,12 @@ impl Listener {
                     })?;
                 Ok(Listener::Vsock { sock, port: *port })
             }
+            ListenSpec::Ivshmem { path, .. } => Err(ListenError::Bind {
+                what: path.display().to_string(),
+                source: std::io::Error::other(
+                    "an ivshmem listener is bound by device::DeviceListener",
+                ),
+            }),
         }
     }
 

@@ -3,6 +3,7 @@
 
 mod acceptor;
 pub mod channel;
+pub mod device;
 mod listener;
 mod session;
 mod worker;
@@ -60,10 +61,30 @@ pub fn serve(
     store: Arc<Store>,
     cfg: ServerConfig,
 ) -> std::io::Result<()> {
+    serve_all(listeners, Vec::new(), store, cfg)
+}
+
+/// [`serve`], plus guest device (ivshmem) listeners; these need a channel service
+/// thread.
+pub fn serve_all(
+    listeners: Vec<Listener>,
+    devices: Vec<device::DeviceListener>,
+    store: Arc<Store>,
+    cfg: ServerConfig,
+) -> std::io::Result<()> {
     let service = match cfg.channel_threads {
         0 => None,
         n => Some(channel::Service::start(n)?),
     };
+    for d in devices {
+        let Some(service) = service.clone() else {
+            return Err(std::io::Error::other(format!(
+                "{} needs a channel service thread (--channel-threads at least 1)",
+                d.describe()
+            )));
+        };
+        device::spawn(d, Arc::clone(&store), service)?;
+    }
     let workers = (0..cfg.io_threads.max(1))
         .map(|n| worker::spawn(n, Arc::clone(&store), cfg.timeouts, service.clone()))
         .collect::<std::io::Result<Vec<_>>>()?;

@@ -24,7 +24,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use utmem_proto::{
     encode_reply, ChannelReply, CopyTarget, DecodeError, HelloReply, HelloRequest, Limits,
     MapReply, NewPool, Op, OutQueue, ReplyHeader, RequestHeader, Status, CAP_CHANNEL, CAP_COPY,
-    CAP_DURABLE, CAP_EPHEMERAL, CAP_MAP, CAP_SHARED, REQUEST_HEADER_LEN, VERSION,
+    CAP_DEVICE, CAP_DURABLE, CAP_EPHEMERAL, CAP_MAP, CAP_SHARED, REQUEST_HEADER_LEN, VERSION,
 };
 
 use super::channel::{self, ChannelHandle, Service};
@@ -567,6 +567,10 @@ impl Session {
             Op::Ping => self.status(&h, Status::Ok),
             Op::Map => self.map(&h),
             Op::Channel => self.channel(&h),
+            Op::Device => match store.device(self.ident.name()) {
+                Some(d) => self.reply(&h, Status::Ok, Bytes::copy_from_slice(&d.encode())),
+                None => self.status(&h, Status::Miss),
+            },
             Op::Stats => {
                 let s = store.stats(&self.ident).encode();
                 self.reply(&h, Status::Ok, Bytes::copy_from_slice(&s));
@@ -689,6 +693,7 @@ impl Session {
                 let r = HelloReply {
                     version: VERSION,
                     capabilities: CAP_COPY
+                        | CAP_DEVICE
                         | CAP_SHARED
                         | CAP_EPHEMERAL
                         | if self.can_map { CAP_MAP } else { 0 }

@@ -241,7 +241,19 @@ impl Arena {
     /// A new arena of `len` bytes (rounded up to a power of two, as a PCI BAR
     /// exposing it to a VM would need). Pages are allocated only when written.
     pub fn new(name: &str, len: u64) -> io::Result<Arc<Arena>> {
-        let len = len.max(1 << 20).next_power_of_two();
+        Self::with_prefix(name, len.max(1 << 20).next_power_of_two(), 0)
+    }
+
+    /// A new arena of `len` bytes (a power of two) whose first `prefix` bytes are
+    /// never allocated: a guest device region keeps its header and channel slots
+    /// there (see `utmem_proto::device`), and the whole memfd is the VM's BAR.
+    pub fn with_prefix(name: &str, len: u64, prefix: u64) -> io::Result<Arc<Arena>> {
+        if !len.is_power_of_two() || !prefix.is_multiple_of(PAGE) || prefix >= len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("arena of {len} bytes with a {prefix}-byte prefix"),
+            ));
+        }
         let file = Arc::new(memfd(&format!("utmem-arena-{name}"), len)?);
         let mem = ArenaMem::new(map_shared(&file, len)?);
         let read_only = reopen_read_only(&file)?;
@@ -250,7 +262,7 @@ impl Arena {
             parked_cap: len / 8,
             ..FreeMap::default()
         };
-        free.insert(0, len);
+        free.insert(prefix, len - prefix);
         // A random start (std's per-process random keys) keeps stamps of arenas from
         // earlier host runs from matching this one's.
         let seed = std::collections::hash_map::RandomState::new()
@@ -274,6 +286,43 @@ impl Arena {
             .ok_or_else(|| io::Error::other("reader word mapping shorter than a page"))?;
         let r = Arc::new(ReaderWord {
             file,
+            mem,
+            closed: Mutex::new(None),
+            revoked: AtomicBool::new(false),
+        });
+        let mut readers = lock(&self.readers);
+        readers.retain(|r| !r.forgettable());
+        readers.push(Arc::clone(&r));
+        Ok(r)
+    }
+
+    /// The read-write memfd itself: for a VMM that maps the whole region into a
+    /// guest (the guest can then write every byte of it; see `server::device`).
+    pub fn region_file(&self) -> &Arc<File> {
+        &self.file
+    }
+
+    /// A reader word at `off` in the arena's own file (a guest device slot's page,
+    /// inside the prefix), honoured like a connection's until [`ReaderWord::close`].
+    pub fn reader_at(&self, off: u64) -> io::Result<Arc<ReaderWord>> {
+        let size = READER_WORD_LEN as u64;
+        if !off.is_multiple_of(PAGE) || off.checked_add(size).is_none_or(|e| e > self.len) {
+            return Err(io::Error::other(format!(
+                "reader word at {off} outside the arena"
+            )));
+        }
+        let map = MmapRegion::build(
+            Some(FileOffset::from_arc(Arc::clone(&self.file), off)),
+            READER_WORD_LEN,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+        )
+        .map_err(|e| io::Error::other(e.to_string()))?;
+        let mem = ReaderWordMem::new(map)
+            .ok_or_else(|| io::Error::other("reader word mapping shorter than a page"))?;
+        mem.word().store(0, Ordering::SeqCst);
+        let r = Arc::new(ReaderWord {
+            file: Arc::clone(&self.file),
             mem,
             closed: Mutex::new(None),
             revoked: AtomicBool::new(false),

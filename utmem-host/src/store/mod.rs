@@ -93,6 +93,8 @@ pub struct Store {
     policy: RwLock<Policy>,
     /// The data directory, once [`Store::open_data_dir`] ran: durable pools allowed.
     durable: OnceLock<durable::Durability>,
+    /// Guest device regions being served, by identity name (see `server::device`).
+    devices: Mutex<HashMap<String, utmem_proto::DeviceReply>>,
 }
 
 impl Store {
@@ -113,6 +115,7 @@ impl Store {
             shared: Mutex::new(HashMap::new()),
             policy: RwLock::new(policy),
             durable: OnceLock::new(),
+            devices: Mutex::new(HashMap::new()),
         }
     }
 
@@ -185,14 +188,54 @@ impl Store {
         if let Some(a) = slot.as_ref() {
             return Ok(Arc::clone(a));
         }
-        let len = ident
+        let a = Arena::new(&ident.name, self.arena_len(ident))?;
+        *slot = Some(Arc::clone(&a));
+        Ok(a)
+    }
+
+    fn arena_len(&self, ident: &Identity) -> u64 {
+        ident
             .quota()
             .min(self.capacity)
             .saturating_mul(2)
-            .min(1 << 40);
-        let a = Arena::new(&ident.name, len)?;
+            .min(1 << 40)
+    }
+
+    /// The arena of a guest device's identity, made now with room for the device's
+    /// header and slots before it: `plan(arena_len)` says the region's length and
+    /// where the arena starts. Fails if the identity already has an arena (a local
+    /// client mapped it first): device identities are set up at start.
+    pub fn device_arena(
+        &self,
+        ident: &Identity,
+        plan: impl FnOnce(u64) -> (u64, u64),
+    ) -> std::io::Result<Arc<Arena>> {
+        let mut slot = lock(&ident.arena);
+        if let Some(a) = slot.as_ref() {
+            return Err(std::io::Error::other(format!(
+                "identity {} already has a {}-byte arena",
+                ident.name,
+                a.len()
+            )));
+        }
+        let (len, prefix) = plan(self.arena_len(ident));
+        let a = Arena::with_prefix(&ident.name, len, prefix)?;
         *slot = Some(Arc::clone(&a));
         Ok(a)
+    }
+
+    /// Records which device region serves `name` now (`None`: none).
+    pub fn set_device(&self, name: &str, d: Option<utmem_proto::DeviceReply>) {
+        let mut devs = lock(&self.devices);
+        match d {
+            Some(d) => devs.insert(name.to_owned(), d),
+            None => devs.remove(name),
+        };
+    }
+
+    /// The device region serving `name`, if one does.
+    pub fn device(&self, name: &str) -> Option<utmem_proto::DeviceReply> {
+        lock(&self.devices).get(name).copied()
     }
 
     /// Opens a pool for `caller`: the same name (or uuid) gives the same pool again.

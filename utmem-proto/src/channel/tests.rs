@@ -95,6 +95,7 @@ fn control_ops_and_stray_bits_are_not_channel_ops() {
         Op::Stats,
         Op::Map,
         Op::Channel,
+        Op::Device,
     ] {
         let s = Sqe {
             op: op as u8,

@@ -18,7 +18,7 @@ use utmem_client::{Client, ClientError, Options};
 #[derive(Debug, Parser)]
 #[command(name = "utmem", version)]
 struct Cli {
-    /// Where the host is: unix:/path, vsock:PORT, vsock:CID:PORT or auto.
+    /// Where the host is: unix:/path, vsock:PORT, vsock:CID:PORT, device:/dev/utmem or auto.
     #[arg(long, env = "UTMEM_CONNECT", value_name = "SPEC")]
     connect: String,
     /// Pool name (a persistent pool of your identity).
